@@ -1,0 +1,279 @@
+"""Numba kernels for the element work around the GEMMs, each next to a plain-NumPy twin.
+
+Activation layout everywhere is NHWC (batch, height, width, channels), C-contiguous. With
+channels last, one im2col row (one output pixel) is KH*KW runs of C contiguous floats, so
+im2col/col2im copy whole channel vectors, and the GEMM result (N*OH*OW, Cout) already *is*
+the NHWC output: no transposes around the matmul. Convolution weights are (Cout, KH, KW, Cin),
+so `w.reshape(Cout, -1)` lines up with an im2col row.
+
+Kernels parallelize over independent rows or images (`prange`), and reductions use per-thread
+partial sums reduced afterwards, never a shared accumulator. The `*_reference` twins are slow
+and obvious; tests compare every kernel against its twin.
+"""
+import numba
+import numpy as np
+from numba import njit, prange
+
+
+def conv_output_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+# ----------------------------------------------------------------------------- im2col / col2im
+
+@njit(parallel=True, cache=True)
+def _im2col_kernel(x, kh, kw, stride, pad, oh, ow, cols):
+    n, h, w, c = x.shape
+    for row in prange(n * oh):
+        b, i = row // oh, row % oh
+        for j in range(ow):
+            r = row * ow + j
+            col = 0
+            for ki in range(kh):
+                y = i * stride - pad + ki
+                for kj in range(kw):
+                    xx = j * stride - pad + kj
+                    if 0 <= y < h and 0 <= xx < w:
+                        for ch in range(c):
+                            cols[r, col + ch] = x[b, y, xx, ch]
+                    else:
+                        for ch in range(c):
+                            cols[r, col + ch] = 0.0
+                    col += c
+
+
+def im2col(x, kh, kw, stride, pad, out=None):
+    """(N, H, W, C) -> (N*OH*OW, KH*KW*C); column order (ki, kj, c) matches w.reshape(Cout, -1)."""
+    n, h, w, c = x.shape
+    oh, ow = conv_output_size(h, kh, stride, pad), conv_output_size(w, kw, stride, pad)
+    if out is None:
+        out = np.empty((n * oh * ow, kh * kw * c), dtype=x.dtype)
+    _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, out)
+    return out
+
+
+def im2col_reference(x, kh, kw, stride, pad):
+    n, h, w, c = x.shape
+    oh, ow = conv_output_size(h, kh, stride, pad), conv_output_size(w, kw, stride, pad)
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    patches = [xp[:, ki:ki + stride * oh:stride, kj:kj + stride * ow:stride, :]
+               for ki in range(kh) for kj in range(kw)]
+    return np.concatenate(patches, axis=3).reshape(n * oh * ow, kh * kw * c)
+
+
+@njit(parallel=True, cache=True)
+def _col2im_kernel(cols, kh, kw, stride, pad, oh, ow, dx):
+    n, h, w, c = dx.shape
+    for b in prange(n):  # images are independent; windows inside one image overlap
+        for i in range(oh):
+            for j in range(ow):
+                r = (b * oh + i) * ow + j
+                col = 0
+                for ki in range(kh):
+                    y = i * stride - pad + ki
+                    for kj in range(kw):
+                        xx = j * stride - pad + kj
+                        if 0 <= y < h and 0 <= xx < w:
+                            for ch in range(c):
+                                dx[b, y, xx, ch] += cols[r, col + ch]
+                        col += c
+
+
+def col2im(cols, x_shape, kh, kw, stride, pad):
+    """Adjoint of im2col: scatter-add (N*OH*OW, KH*KW*C) back to (N, H, W, C)."""
+    n, h, w, c = x_shape
+    oh, ow = conv_output_size(h, kh, stride, pad), conv_output_size(w, kw, stride, pad)
+    dx = np.zeros(x_shape, dtype=cols.dtype)
+    _col2im_kernel(np.ascontiguousarray(cols), kh, kw, stride, pad, oh, ow, dx)
+    return dx
+
+
+def col2im_reference(cols, x_shape, kh, kw, stride, pad):
+    n, h, w, c = x_shape
+    oh, ow = conv_output_size(h, kh, stride, pad), conv_output_size(w, kw, stride, pad)
+    dxp = np.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=cols.dtype)
+    patches = cols.reshape(n, oh, ow, kh, kw, c)
+    for ki in range(kh):
+        for kj in range(kw):
+            dxp[:, ki:ki + stride * oh:stride, kj:kj + stride * ow:stride, :] += patches[:, :, :, ki, kj, :]
+    return dxp[:, pad:pad + h, pad:pad + w, :]
+
+
+# ----------------------------------------------------------------------------- max pooling
+
+@njit(parallel=True, cache=True)
+def _max_pool_kernel(x, k, stride, oh, ow, out, argmax):
+    n, h, w, c = x.shape
+    for row in prange(n * oh):
+        b, i = row // oh, row % oh
+        for j in range(ow):
+            for ch in range(c):
+                best = -np.inf
+                best_idx = 0
+                for ki in range(k):
+                    y = i * stride + ki
+                    for kj in range(k):
+                        xx = j * stride + kj
+                        v = x[b, y, xx, ch]
+                        if v > best:
+                            best = v
+                            best_idx = y * w + xx
+                out[b, i, j, ch] = best
+                argmax[b, i, j, ch] = best_idx
+
+
+def max_pool(x, k, stride):
+    """(N, H, W, C) -> pooled output and, per output, the flat index y*W+x of its maximum
+    (first maximum in window order on ties), which backward scatters the gradient to."""
+    n, h, w, c = x.shape
+    oh, ow = (h - k) // stride + 1, (w - k) // stride + 1
+    out = np.empty((n, oh, ow, c), dtype=x.dtype)
+    argmax = np.empty((n, oh, ow, c), dtype=np.int32)
+    _max_pool_kernel(np.ascontiguousarray(x), k, stride, oh, ow, out, argmax)
+    return out, argmax
+
+
+def max_pool_reference(x, k, stride):
+    n, h, w, c = x.shape
+    oh, ow = (h - k) // stride + 1, (w - k) // stride + 1
+    windows = np.stack([x[:, ki:ki + stride * oh:stride, kj:kj + stride * ow:stride, :]
+                        for ki in range(k) for kj in range(k)], axis=0)
+    first = windows.argmax(axis=0)  # window position of the first maximum
+    ki, kj = first // k, first % k
+    ys = np.arange(oh)[None, :, None, None] * stride + ki
+    xs = np.arange(ow)[None, None, :, None] * stride + kj
+    return windows.max(axis=0), (ys * w + xs).astype(np.int32)
+
+
+@njit(parallel=True, cache=True)
+def _max_pool_backward_kernel(grad, argmax, dx):
+    n, oh, ow, c = grad.shape
+    w = dx.shape[2]
+    for b in prange(n):  # overlapping windows (stride < k) may hit one pixel twice: stay per image
+        for i in range(oh):
+            for j in range(ow):
+                for ch in range(c):
+                    idx = argmax[b, i, j, ch]
+                    dx[b, idx // w, idx % w, ch] += grad[b, i, j, ch]
+
+
+def max_pool_backward(grad, argmax, x_shape):
+    dx = np.zeros(x_shape, dtype=grad.dtype)
+    _max_pool_backward_kernel(np.ascontiguousarray(grad), argmax, dx)
+    return dx
+
+
+def max_pool_backward_reference(grad, argmax, x_shape):
+    n, h, w, c = x_shape
+    dx = np.zeros((n, h * w, c), dtype=grad.dtype)
+    b = np.arange(n)[:, None, None, None]
+    ch = np.arange(c)[None, None, None, :]
+    np.add.at(dx, (np.broadcast_to(b, grad.shape), argmax, np.broadcast_to(ch, grad.shape)), grad)
+    return dx.reshape(x_shape)
+
+
+# ----------------------------------------------------------------------------- batch norm
+
+def _row_chunks(m):
+    """Split m rows into a few chunks per thread, for per-thread partial reductions."""
+    chunks = max(1, min(m, 4 * numba.get_num_threads()))
+    return chunks, (m + chunks - 1) // chunks
+
+
+@njit(parallel=True, cache=True)
+def _channel_sums_kernel(x, chunks, step):
+    m, c = x.shape
+    partial = np.zeros((chunks, 2, c), dtype=np.float64)
+    for t in prange(chunks):
+        for r in range(t * step, min(m, (t + 1) * step)):
+            for ch in range(c):
+                v = x[r, ch]
+                partial[t, 0, ch] += v
+                partial[t, 1, ch] += v * v
+    return partial.sum(axis=0)
+
+
+def channel_mean_var(x2d):
+    """Per-column mean and biased variance of a (M, C) array, accumulated in float64."""
+    m = x2d.shape[0]
+    chunks, step = _row_chunks(m)
+    sums = _channel_sums_kernel(x2d, chunks, step)
+    mean = sums[0] / m
+    var = np.maximum(sums[1] / m - mean * mean, 0.0)
+    return mean, var
+
+
+def channel_mean_var_reference(x2d):
+    x = x2d.astype(np.float64)
+    return x.mean(axis=0), x.var(axis=0)
+
+
+@njit(parallel=True, cache=True)
+def _scale_shift_kernel(x, scale, shift, relu, out):
+    m, c = x.shape
+    for r in prange(m):
+        for ch in range(c):
+            v = x[r, ch] * scale[ch] + shift[ch]
+            out[r, ch] = max(v, 0.0) if relu else v
+
+
+def scale_shift(x2d, scale, shift, relu=False):
+    """out = x * scale + shift per column (the affine part of batch norm), optionally ReLU'd."""
+    out = np.empty_like(x2d)
+    _scale_shift_kernel(x2d, scale.astype(x2d.dtype), shift.astype(x2d.dtype), relu, out)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _bn_backward_sums_kernel(dy, x, y, mean, relu, chunks, step):
+    m, c = x.shape
+    partial = np.zeros((chunks, 2, c), dtype=np.float64)
+    for t in prange(chunks):
+        for r in range(t * step, min(m, (t + 1) * step)):
+            for ch in range(c):
+                g = dy[r, ch]
+                if relu and y[r, ch] <= 0.0:
+                    g = 0.0
+                partial[t, 0, ch] += g
+                partial[t, 1, ch] += g * (x[r, ch] - mean[ch])
+    return partial.sum(axis=0)
+
+
+@njit(parallel=True, cache=True)
+def _bn_backward_dx_kernel(dy, x, y, mean, relu, a, b, d, dx):
+    m, c = x.shape
+    for r in prange(m):
+        for ch in range(c):
+            g = dy[r, ch]
+            if relu and y[r, ch] <= 0.0:
+                g = 0.0
+            dx[r, ch] = a[ch] * g - b[ch] * (x[r, ch] - mean[ch]) - d[ch]
+
+
+def batch_norm_backward(dy, x, y, mean, inv_std, gamma, relu):
+    """Gradients of y = [relu](gamma * (x - mean) * inv_std + beta) with batch statistics,
+    for (M, C) arrays: returns dx, dgamma, dbeta. `y` is the forward output (for the ReLU mask).
+
+    dx = gamma*inv_std * (g - mean(g) - xhat * mean(g*xhat)), where g is dy masked by the ReLU.
+    """
+    m = x.shape[0]
+    chunks, step = _row_chunks(m)
+    sums = _bn_backward_sums_kernel(dy, x, y, mean.astype(x.dtype), relu, chunks, step)
+    dbeta = sums[0]
+    dgamma = sums[1] * inv_std  # sum(g * xhat)
+    a = gamma * inv_std
+    b = a * inv_std * dgamma / m  # coefficient of (x - mean): a * xhat * mean(g*xhat) / (x-mean)
+    d = a * dbeta / m
+    dx = np.empty_like(x)
+    _bn_backward_dx_kernel(dy, x, y, mean.astype(x.dtype), relu, a.astype(x.dtype), b.astype(x.dtype),
+                           d.astype(x.dtype), dx)
+    return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+
+
+def batch_norm_backward_reference(dy, x, y, mean, inv_std, gamma, relu):
+    g = np.where(y > 0, dy, 0.0) if relu else dy
+    xhat = (x - mean) * inv_std
+    dbeta = g.sum(axis=0)
+    dgamma = (g * xhat).sum(axis=0)
+    dx = gamma * inv_std * (g - dbeta / len(x) - xhat * dgamma / len(x))
+    return dx, dgamma, dbeta

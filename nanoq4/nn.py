@@ -1,0 +1,272 @@
+"""Modules: parameters plus a forward built from ops. Images are NHWC throughout.
+
+Initialization follows PyTorch's defaults (Kaiming-uniform weights with a = sqrt(5), i.e.
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the same bound for biases; BatchNorm weight 1, bias 0), drawn
+from one module-level generator that `manual_seed` resets and checkpoints save.
+"""
+from collections import OrderedDict
+
+import numpy as np
+
+from . import ops, quant
+from .errors import NanoQ4Error
+from .tensor import Function, Tensor
+
+_rng = np.random.default_rng(0)
+
+
+def manual_seed(seed):
+    """Reseed the generator used by weight initialization and dropout."""
+    global _rng
+    _rng = np.random.default_rng(seed)
+
+
+def get_rng_state():
+    return _rng.bit_generator.state
+
+
+def set_rng_state(state):
+    _rng.bit_generator.state = state
+
+
+class Parameter(Tensor):
+    """A leaf tensor that an optimizer updates."""
+
+    def __init__(self, data):
+        super().__init__(np.asarray(data, dtype=np.float32), requires_grad=True)
+
+
+class Module:
+    """Base class: parameters, buffers (non-learned state such as BN running statistics),
+    submodules, train/eval mode and state dicts, all found by walking attributes in order."""
+
+    training = True
+    buffer_names = ()
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def named_children(self):
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield f"{name}.{i}", item
+
+    def modules(self):
+        yield self
+        for _, child in self.named_children():
+            yield from child.modules()
+
+    def named_parameters(self, prefix=""):
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix=""):
+        for name in self.buffer_names:
+            yield prefix + name, getattr(self, name)
+        for name, child in self.named_children():
+            yield from child.named_buffers(f"{prefix}{name}.")
+
+    def train(self, mode=True):
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def num_parameters(self):
+        return int(sum(p.size for p in self.parameters()))
+
+    def state_dict(self):
+        state = OrderedDict((name, p.data.copy()) for name, p in self.named_parameters())
+        state.update((name, b.copy()) for name, b in self.named_buffers())
+        return state
+
+    def load_state_dict(self, state):
+        """Copy arrays in place; refuse missing, unexpected or mis-shaped entries by name."""
+        targets = OrderedDict((name, p.data) for name, p in self.named_parameters())
+        targets.update(self.named_buffers())
+        missing = [k for k in targets if k not in state]
+        unexpected = [k for k in state if k not in targets]
+        if missing or unexpected:
+            raise NanoQ4Error(f"state dict does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]} (was it saved from another architecture?)")
+        for name, target in targets.items():
+            value = np.asarray(state[name])
+            if value.shape != target.shape:
+                raise NanoQ4Error(f"state dict entry {name!r} has shape {value.shape}, the model "
+                                  f"expects {target.shape} (another architecture or class count?)")
+            target[...] = value
+
+
+def _uniform(shape, bound):
+    return _rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+class Linear(Module):
+    def __init__(self, in_features, out_features, bias=True):
+        bound = 1.0 / np.sqrt(in_features)
+        self.weight = Parameter(_uniform((out_features, in_features), bound))
+        self.bias = Parameter(_uniform((out_features,), bound)) if bias else None
+
+    def forward(self, x):
+        return ops.linear(x, self.weight, self.bias)
+
+
+class Conv2d(Module):
+    """Weight layout (Cout, KH, KW, Cin), matching NHWC im2col rows."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, bias=True):
+        self.stride, self.padding = stride, padding
+        fan_in = in_channels * kernel_size * kernel_size
+        bound = 1.0 / np.sqrt(fan_in)
+        self.weight = Parameter(_uniform((out_channels, kernel_size, kernel_size, in_channels), bound))
+        self.bias = Parameter(_uniform((out_channels,), bound)) if bias else None
+
+    def forward(self, x):
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class STE(Function):
+    """Straight-through estimator: forward returns the given quantized weight, backward
+    passes the gradient w.r.t. the quantized weight unchanged to the latent float weight."""
+
+    @staticmethod
+    def forward(ctx, w, w_quantized):
+        return w_quantized
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class QuantizedWeight:
+    """Mixin for QConv2d/QLinear: the latent float32 weight is fake-quantized at every forward
+    (scale max|W|/qmax recomputed each time) and the STE carries gradients back to it.
+    `codes` and `scale` hold the integer weights of the last forward; `quantized_codes()`
+    computes them from the current weight."""
+
+    def setup_quantization(self, bits, per_channel):
+        self.bits, self.per_channel = bits, per_channel
+        self.weight.quantized = True  # the optimizer's tanh soft clip acts on these
+        self.codes = self.scale = None
+
+    def quantized_weight(self):
+        w_q, self.codes, self.scale = quant.fake_quantize(self.weight.data, self.bits, self.per_channel)
+        return STE.apply(self.weight, w_q)
+
+    def quantized_codes(self):
+        return quant.quantize(self.weight.data, self.bits, self.per_channel)
+
+
+class QConv2d(Conv2d, QuantizedWeight):
+    """The paper's Conv4bit: a convolution whose weights are b-bit symmetric integers times a scale."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, bias=True, bits=4,
+                 per_channel=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias)
+        self.setup_quantization(bits, per_channel)
+
+    def forward(self, x):
+        return ops.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding)
+
+
+class QLinear(Linear, QuantizedWeight):
+    """The paper's Linear4bit."""
+
+    def __init__(self, in_features, out_features, bias=True, bits=4, per_channel=False):
+        super().__init__(in_features, out_features, bias)
+        self.setup_quantization(bits, per_channel)
+
+    def forward(self, x):
+        return ops.linear(x, self.quantized_weight(), self.bias)
+
+
+class _BatchNorm(Module):
+    buffer_names = ("running_mean", "running_var")
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, relu=False):
+        """relu=True fuses the ReLU that follows batch norm into the same kernel pass."""
+        self.eps, self.momentum, self.relu = eps, momentum, relu
+        self.weight = Parameter(np.ones(num_features))
+        self.bias = Parameter(np.zeros(num_features))
+        self.running_mean = np.zeros(num_features, dtype=np.float32)
+        self.running_var = np.ones(num_features, dtype=np.float32)
+
+    def forward(self, x):
+        if x.ndim != self.expected_ndim:
+            raise ValueError(f"{type(self).__name__} expects {self.expected_ndim}-D input, got {x.shape}")
+        return ops.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                              self.training, self.momentum, self.eps, self.relu)
+
+
+class BatchNorm2d(_BatchNorm):
+    expected_ndim = 4
+
+
+class BatchNorm1d(_BatchNorm):
+    expected_ndim = 2
+
+
+class ReLU(Module):
+    def forward(self, x):
+        return ops.relu(x)
+
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size=2, stride=None):
+        self.kernel_size, self.stride = kernel_size, stride or kernel_size
+
+    def forward(self, x):
+        return ops.max_pool2d(x, self.kernel_size, self.stride)
+
+
+class GlobalAvgPool(Module):
+    def forward(self, x):
+        return ops.global_avg_pool(x)
+
+
+class Dropout(Module):
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def forward(self, x):
+        return ops.dropout(x, self.p, self.training, _rng)
+
+
+class Flatten(Module):
+    def forward(self, x):
+        return ops.flatten(x)
+
+
+class Sequential(Module):
+    def __init__(self, *layers):
+        self.layers = list(layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x

@@ -1,0 +1,408 @@
+"""Differentiable ops, each a Function with its forward and hand-written backward side by side.
+
+Shapes: images are NHWC, conv weights (Cout, KH, KW, Cin), linear weights (out, in) as in
+PyTorch. Lowercase functions at the bottom (`conv2d`, `batch_norm`, ...) are the public API;
+arithmetic operators on Tensor are attached here too.
+"""
+import numpy as np
+
+from . import kernels
+from .tensor import Function, Tensor
+
+
+def unbroadcast(grad, shape):
+    """Sum a gradient over the axes NumPy broadcasting added or stretched, back to `shape`."""
+    while grad.ndim > len(shape):
+        grad = grad.sum(axis=0)
+    for axis, size in enumerate(shape):
+        if size == 1 and grad.shape[axis] != 1:
+            grad = grad.sum(axis=axis, keepdims=True)
+    return grad
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+class Add(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.shapes = (a.shape, b.shape)
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return unbroadcast(grad, ctx.shapes[0]), unbroadcast(grad, ctx.shapes[1])
+
+
+class Sub(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.shapes = (a.shape, b.shape)
+        return a - b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return unbroadcast(grad, ctx.shapes[0]), unbroadcast(-grad, ctx.shapes[1])
+
+
+class Mul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        return unbroadcast(grad * b, a.shape), unbroadcast(grad * a, b.shape)
+
+
+class ReLU(Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = np.maximum(x, 0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved
+        return grad * (out > 0)
+
+
+# ----------------------------------------------------------------------------- reductions, shapes
+
+class Sum(Function):
+    @staticmethod
+    def forward(ctx, x, axis=None, keepdims=False):
+        ctx.shape, ctx.axis, ctx.keepdims = x.shape, axis, keepdims
+        return np.asarray(x.sum(axis=axis, keepdims=keepdims))
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.axis is not None and not ctx.keepdims:
+            grad = np.expand_dims(grad, ctx.axis)
+        return np.broadcast_to(grad, ctx.shape).copy()
+
+
+class Reshape(Function):
+    @staticmethod
+    def forward(ctx, x, shape):
+        ctx.shape = x.shape
+        return x.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.reshape(ctx.shape)
+
+
+class GlobalAvgPool(Function):
+    """(N, H, W, C) -> (N, C), the mean over all positions."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.mean(axis=(1, 2), dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, h, w, c = ctx.shape
+        return np.broadcast_to((grad / (h * w))[:, None, None, :], ctx.shape).copy()
+
+
+# ----------------------------------------------------------------------------- dense layers
+
+class MatMul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        return grad @ b.T, a.T @ grad
+
+
+class Linear(Function):
+    """y = x @ w.T + b with x (N, in), w (out, in), b (out,) or None."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        out = x @ w.T
+        if b is not None:
+            out += b
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved
+        dx = grad @ w if ctx.needs_input_grad[0] else None
+        dw = grad.T @ x
+        return (dx, dw, grad.sum(axis=0)) if ctx.has_bias else (dx, dw)
+
+
+class Conv2d(Function):
+    """2-D convolution as im2col + one GEMM: (N,H,W,Cin) * (Cout,KH,KW,Cin) -> (N,OH,OW,Cout).
+
+    Backward is two GEMMs: dW = dY^T @ cols and dcols = dY @ W, then col2im scatters dcols
+    back to the input (skipped when the input needs no gradient, e.g. the image batch).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b=None, stride=1, padding=0):
+        n, h, wd, cin = x.shape
+        cout, kh, kw, wcin = w.shape
+        if wcin != cin:
+            raise ValueError(f"conv2d: input has {cin} channels, weight expects {wcin}")
+        oh = kernels.conv_output_size(h, kh, stride, padding)
+        ow = kernels.conv_output_size(wd, kw, stride, padding)
+        if kh == kw == 1 and stride == 1 and padding == 0:
+            cols = x.reshape(n * h * wd, cin)
+        else:
+            cols = kernels.im2col(x, kh, kw, stride, padding)
+        wmat = w.reshape(cout, -1)
+        out = cols @ wmat.T
+        if b is not None:
+            out += b
+        ctx.save_for_backward(cols, wmat)
+        ctx.geometry = (x.shape, w.shape, stride, padding, b is not None)
+        return out.reshape(n, oh, ow, cout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cols, wmat = ctx.saved
+        x_shape, w_shape, stride, padding, has_bias = ctx.geometry
+        g = grad.reshape(-1, w_shape[0])
+        dw = (g.T @ cols).reshape(w_shape) if ctx.needs_input_grad[1] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dcols = g @ wmat
+            _, kh, kw, _ = w_shape
+            if kh == kw == 1 and stride == 1 and padding == 0:
+                dx = dcols.reshape(x_shape)
+            else:
+                dx = kernels.col2im(dcols, x_shape, kh, kw, stride, padding)
+        return (dx, dw, g.sum(axis=0)) if has_bias else (dx, dw)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+class MaxPool2d(Function):
+    @staticmethod
+    def forward(ctx, x, kernel_size=2, stride=None):
+        out, argmax = kernels.max_pool(x, kernel_size, stride or kernel_size)
+        ctx.save_for_backward(argmax)
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (argmax,) = ctx.saved
+        return kernels.max_pool_backward(grad, argmax, ctx.shape)
+
+
+# ----------------------------------------------------------------------------- normalization
+
+class BatchNorm(Function):
+    """Batch norm over every axis but the last (channels): (N, C) or (N, H, W, C).
+
+    Training uses batch statistics and updates the running ones in place (momentum 0.1,
+    unbiased running variance, as PyTorch); eval uses the running statistics. `relu=True`
+    fuses the following ReLU into the same pass (forward and backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, running_mean, running_var, training=True, momentum=0.1,
+                eps=1e-5, relu=False):
+        x2 = x.reshape(-1, x.shape[-1])
+        m = x2.shape[0]
+        if training:
+            if m < 2:
+                raise ValueError("batch_norm in training mode needs more than one value per channel")
+            mean, var = kernels.channel_mean_var(x2)
+            running_mean *= 1 - momentum
+            running_mean += momentum * mean
+            running_var *= 1 - momentum
+            running_var += momentum * var * (m / (m - 1))
+        else:
+            mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+        inv_std = 1.0 / np.sqrt(var + eps)
+        scale = gamma * inv_std
+        y = kernels.scale_shift(x2, scale, beta - mean * scale, relu)
+        ctx.save_for_backward(x2, y, mean, inv_std, gamma)
+        ctx.training, ctx.relu, ctx.shape = training, relu, x.shape
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, y, mean, inv_std, gamma = ctx.saved
+        g = grad.reshape(x2.shape)
+        if ctx.training:
+            dx, dgamma, dbeta = kernels.batch_norm_backward(g, x2, y, mean, inv_std, gamma, ctx.relu)
+        else:  # statistics are constants: a per-channel affine map
+            if ctx.relu:
+                g = np.where(y > 0, g, 0).astype(g.dtype)
+            dx = (g * (gamma * inv_std).astype(g.dtype))
+            dgamma = (g * ((x2 - mean) * inv_std)).sum(axis=0).astype(g.dtype)
+            dbeta = g.sum(axis=0)
+        return dx.reshape(ctx.shape), dgamma, dbeta
+
+
+class Dropout(Function):
+    """Inverted dropout: zero with probability p, scale survivors by 1/(1-p); identity in eval."""
+
+    @staticmethod
+    def forward(ctx, x, p=0.5, training=True, rng=None):
+        if not training or p == 0.0:
+            ctx.mask = None
+            return x
+        rng = rng if rng is not None else np.random.default_rng()
+        mask = (rng.random(x.shape, dtype=np.float32) >= p).astype(x.dtype) / x.dtype.type(1.0 - p)
+        ctx.mask = mask
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad if ctx.mask is None else grad * ctx.mask
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+class LogSoftmax(Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = _log_softmax(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved
+        return grad - np.exp(out) * grad.sum(axis=-1, keepdims=True)
+
+
+class CrossEntropy(Function):
+    """Mean cross-entropy of (N, K) logits against integer labels, with optional label
+    smoothing: the target is (1 - eps) one-hot + eps / K uniform, as PyTorch defines it."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, label_smoothing=0.0):
+        labels = np.asarray(labels)
+        n, k = logits.shape
+        if labels.shape != (n,):
+            raise ValueError(f"cross_entropy: labels shape {labels.shape}, expected ({n},)")
+        logp = _log_softmax(logits)
+        nll = -logp[np.arange(n), labels]
+        loss = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=1)
+        ctx.save_for_backward(logp, labels)
+        ctx.label_smoothing = label_smoothing
+        return np.asarray(loss.mean(), dtype=logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, labels = ctx.saved
+        n, k = logp.shape
+        eps = ctx.label_smoothing
+        dlogits = np.exp(logp) - eps / k
+        dlogits[np.arange(n), labels] -= 1 - eps
+        return dlogits * (grad / n)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+def _as_tensor(x, like):
+    return x if isinstance(x, Tensor) else Tensor(np.asarray(x, dtype=like.dtype))
+
+
+def add(a, b):
+    return Add.apply(_as_tensor(a, b), _as_tensor(b, a))
+
+
+def sub(a, b):
+    return Sub.apply(_as_tensor(a, b), _as_tensor(b, a))
+
+
+def mul(a, b):
+    return Mul.apply(_as_tensor(a, b), _as_tensor(b, a))
+
+
+def relu(x):
+    return ReLU.apply(x)
+
+
+def sum(x, axis=None, keepdims=False):  # noqa: A001 (shadowing is deliberate: nanoq4.ops.sum)
+    return Sum.apply(x, axis=axis, keepdims=keepdims)
+
+
+def mean(x, axis=None, keepdims=False):
+    count = x.size if axis is None else int(np.prod([x.shape[a] for a in np.atleast_1d(axis)]))
+    return mul(sum(x, axis, keepdims), 1.0 / count)
+
+
+def reshape(x, shape):
+    return Reshape.apply(x, shape=tuple(shape))
+
+
+def flatten(x):
+    """(N, ...) -> (N, prod(...)). For NHWC features the order is (h, w, c)."""
+    return reshape(x, (x.shape[0], -1))
+
+
+def matmul(a, b):
+    return MatMul.apply(a, b)
+
+
+def linear(x, weight, bias=None):
+    return Linear.apply(x, weight, bias)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding)
+
+
+def max_pool2d(x, kernel_size=2, stride=None):
+    return MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride)
+
+
+def global_avg_pool(x):
+    return GlobalAvgPool.apply(x)
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
+               relu=False):
+    return BatchNorm.apply(x, weight, bias, running_mean, running_var, training=training,
+                           momentum=momentum, eps=eps, relu=relu)
+
+
+def dropout(x, p=0.5, training=True, rng=None):
+    return Dropout.apply(x, p=p, training=training, rng=rng)
+
+
+def log_softmax(x):
+    return LogSoftmax.apply(x)
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+    return CrossEntropy.apply(logits, labels, label_smoothing=label_smoothing)
+
+
+Tensor.__add__ = add
+Tensor.__radd__ = lambda self, other: add(other, self)
+Tensor.__sub__ = sub
+Tensor.__rsub__ = lambda self, other: sub(other, self)
+Tensor.__mul__ = mul
+Tensor.__rmul__ = lambda self, other: mul(other, self)
+Tensor.__neg__ = lambda self: mul(self, -1.0)
+Tensor.__matmul__ = matmul
+Tensor.sum = sum
+Tensor.mean = mean
+Tensor.reshape = lambda self, *shape: reshape(self, shape[0] if len(shape) == 1 else shape)
+Tensor.flatten = flatten
+Tensor.relu = relu
