@@ -58,10 +58,13 @@ class Module:
                     if isinstance(item, Module):
                         yield f"{name}.{i}", item
 
+    def named_modules(self, prefix=""):
+        yield prefix.rstrip("."), self
+        for name, child in self.named_children():
+            yield from child.named_modules(f"{prefix}{name}.")
+
     def modules(self):
-        yield self
-        for _, child in self.named_children():
-            yield from child.modules()
+        return [m for _, m in self.named_modules()]
 
     def named_parameters(self, prefix=""):
         for name, value in vars(self).items():

@@ -1,0 +1,211 @@
+"""Files: training checkpoints, and the packed-int4 model file that inference runs from.
+
+Model file (.nq4), little-endian:
+
+    8 bytes   magic b"NANOQ4\\x00M"
+    u32       format version (1)
+    u32       header length H
+    H bytes   JSON header: architecture (model, num_classes, bits, per_channel, quantized),
+              class names, input normalization, and for each tensor its dtype, shape and the
+              byte offset/length of its data in the payload; plus the payload's CRC-32
+    payload   quantized weights as packed codes (two 4-bit codes per byte, see quant.py) with
+              one float32 scale per tensor (or per output channel); biases, BatchNorm weights
+              and running statistics as float32. No latent float weights are stored.
+
+Loading rebuilds the architecture and sets each quantized layer's weight to codes * scale;
+re-quantizing that weight gives back the same codes, so the loaded model computes exactly the
+integer-weight network that was exported. Every file is written to a temporary name in the
+same folder, then renamed, so a crash never leaves a half-written file behind.
+"""
+import json
+import os
+import pickle
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import quant
+from .errors import NanoQ4Error
+from .models import build_model, quantized_layers
+from .tensor import no_grad
+
+MAGIC = b"NANOQ4\x00M"
+FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = "nanoq4-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def atomic_write_bytes(path, chunks):
+    """Write an iterable of bytes-like chunks to `path` via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- int4 model file
+
+def export_model(model, path, arch, class_names, mean, std, input_size=32):
+    """Write `model` (built by models.build_model(**arch)) as a packed model file; return its size.
+
+    arch: dict(model=name, num_classes=int, quantize=bool, bits=int, per_channel=bool)."""
+    q_names = {name + ".weight" for name, _ in quantized_layers(model)}
+    tensors, blobs, offset = {}, [], 0
+
+    def add(name, array, dtype, extra=None):
+        nonlocal offset
+        data = np.ascontiguousarray(array).tobytes()
+        tensors[name] = {"dtype": dtype, "shape": list(np.shape(array)), "offset": offset, "nbytes": len(data),
+                         **(extra or {})}
+        blobs.append(data)
+        offset += len(data)
+
+    for name, array in model.state_dict().items():
+        if name in q_names:
+            bits = arch["bits"]
+            codes, scale = quant.quantize(array, bits, arch.get("per_channel", False))
+            add(name, quant.pack_codes(codes, bits), f"int{bits}", {"shape": list(array.shape)})
+            add(name + ".scale", scale.astype("<f4"), "float32")
+        else:
+            add(name, array.astype("<f4"), "float32")
+    payload = b"".join(blobs)
+    header = {
+        "architecture": arch,
+        "class_names": list(class_names),
+        "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+        "input_size": input_size,
+        "layout": "NHWC",
+        "tensors": tensors,
+        "payload_crc32": zlib.crc32(payload),
+    }
+    header_bytes = json.dumps(header).encode()
+    atomic_write_bytes(path, [MAGIC, struct.pack("<II", FORMAT_VERSION, len(header_bytes)), header_bytes,
+                              payload])
+    return os.path.getsize(path)
+
+
+class InferenceModel:
+    """A model loaded from a .nq4 file, ready for evaluation: class names, normalization and
+    batched logits/probabilities for uint8 NHWC images."""
+
+    def __init__(self, model, header):
+        self.model = model.eval()
+        self.header = header
+        self.arch = header["architecture"]
+        self.class_names = header["class_names"]
+        self.mean = np.asarray(header["normalization"]["mean"], dtype=np.float32)
+        self.std = np.asarray(header["normalization"]["std"], dtype=np.float32)
+        self.input_size = header["input_size"]
+
+    def logits(self, x, batch_size=1000):
+        """x: float32 NHWC already normalized -> (N, classes) float32 logits."""
+        from .tensor import Tensor
+        with no_grad():
+            return np.concatenate([self.model(Tensor(x[i:i + batch_size])).data
+                                   for i in range(0, len(x), batch_size)])
+
+    def predict_proba(self, images_uint8, batch_size=1000):
+        """uint8 NHWC images -> softmax probabilities."""
+        x = (images_uint8.astype(np.float32) / 255.0 - self.mean) / self.std
+        z = self.logits(x, batch_size)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+
+def _read_model_file(path):
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise NanoQ4Error(f"cannot read model file {path}: {e.strerror}") from None
+    if len(raw) < 16 or raw[:8] != MAGIC:
+        raise NanoQ4Error(f"{path} is not a nanoq4 model file (bad magic bytes); export one with "
+                          f"python -m nanoq4.train or nanoq4.export.export_model")
+    version, header_len = struct.unpack("<II", raw[8:16])
+    if version != FORMAT_VERSION:
+        raise NanoQ4Error(f"{path} has model format version {version}; this nanoq4 reads version "
+                          f"{FORMAT_VERSION} (upgrade nanoq4 or re-export the model)")
+    try:
+        header = json.loads(raw[16:16 + header_len].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise NanoQ4Error(f"{path} is corrupt or truncated (unreadable header); re-export the model") from None
+    payload = raw[16 + header_len:]
+    if zlib.crc32(payload) != header.get("payload_crc32"):
+        raise NanoQ4Error(f"{path} is corrupt or truncated (payload checksum mismatch); re-export the model")
+    return header, payload
+
+
+def load_model(path):
+    """Load a .nq4 file for inference (no training state needed) -> InferenceModel."""
+    header, payload = _read_model_file(path)
+    arch = header["architecture"]
+    try:
+        model = build_model(arch["model"], arch["num_classes"], arch["quantize"], arch["bits"],
+                            arch.get("per_channel", False))
+        state = {}
+        tensors = header["tensors"]
+        for name, info in tensors.items():
+            if name.endswith(".scale") and name[:-len(".scale")] in tensors:
+                continue
+            blob = payload[info["offset"]:info["offset"] + info["nbytes"]]
+            if info["dtype"] == "float32":
+                state[name] = np.frombuffer(blob, dtype="<f4").reshape(info["shape"])
+            else:
+                bits = int(info["dtype"][3:])
+                n = int(np.prod(info["shape"]))
+                codes = quant.unpack_codes(np.frombuffer(blob, dtype=np.uint8), n, bits).reshape(info["shape"])
+                s_info = tensors[name + ".scale"]
+                s_blob = payload[s_info["offset"]:s_info["offset"] + s_info["nbytes"]]
+                scale = np.frombuffer(s_blob, dtype="<f4").reshape(s_info["shape"])
+                state[name] = quant.dequantize(codes, scale)
+        model.load_state_dict(state)
+    except (KeyError, ValueError, TypeError) as e:
+        raise NanoQ4Error(f"{path} does not describe a loadable model ({type(e).__name__}: {e}); "
+                          f"re-export it") from None
+    return InferenceModel(model, header)
+
+
+def model_file_sizes(model, path):
+    """(float32 bytes of all parameters and buffers, bytes of the packed model file)."""
+    float_bytes = 4 * sum(a.size for a in model.state_dict().values())
+    return float_bytes, os.path.getsize(path)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, **state):
+    """Pickle a training state (model/optimizer state dicts, RNG states, epoch, config, ...)
+    atomically. Checkpoints are trusted files you wrote yourself: pickle is not safe for
+    files from strangers (the .nq4 model file is the format to share)."""
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    atomic_write_bytes(path, [pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)])
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+    except OSError as e:
+        raise NanoQ4Error(f"cannot read checkpoint {path}: {e.strerror}") from None
+    except Exception:
+        raise NanoQ4Error(f"{path} is not a readable nanoq4 checkpoint (corrupt or another format)") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise NanoQ4Error(f"{path} is not a nanoq4 checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise NanoQ4Error(f"{path} has checkpoint version {state.get('version')}, this nanoq4 reads "
+                          f"{CHECKPOINT_VERSION}")
+    return state
