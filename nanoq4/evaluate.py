@@ -1,0 +1,95 @@
+"""`python -m nanoq4.evaluate MODEL.nq4 --dataset cifar10`: accuracy of an exported int4 model
+file on a test set, per-class accuracy and the confusion matrix (text; PNG with matplotlib)."""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .errors import NanoQ4Error
+from .export import load_model
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """counts[true, predicted]."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    return counts
+
+
+def evaluate_file(model_path, dataset_spec, data_dir=None, download=True, coarse=False, batch_size=250):
+    """-> dict(accuracy, per_class, confusion, classes) of the model file on the dataset's test split."""
+    model = load_model(model_path)
+    dataset = data.load_dataset(dataset_spec, data_dir, download=download, coarse=coarse,
+                                image_size=model.input_size)
+    if len(dataset.classes) != len(model.class_names):
+        raise NanoQ4Error(f"{model_path} predicts {len(model.class_names)} classes but {dataset_spec} has "
+                          f"{len(dataset.classes)}; evaluate it on the dataset it was trained on")
+    probs = model.predict_proba(dataset.x_test, batch_size)
+    predictions = probs.argmax(axis=1)
+    confusion = confusion_matrix(dataset.y_test, predictions, len(model.class_names))
+    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+    return dict(accuracy=float((predictions == dataset.y_test).mean()), per_class=per_class,
+                confusion=confusion, classes=model.class_names)
+
+
+def format_report(result):
+    names = [str(c)[:12] for c in result["classes"]]
+    lines = [f"test accuracy: {result['accuracy']:.2%} ({result['confusion'].sum()} images)", "",
+             "per-class accuracy:"]
+    lines += [f"  {name:<12} {acc:7.2%}" for name, acc in zip(names, result["per_class"])]
+    if len(names) <= 20:
+        lines += ["", "confusion matrix (rows: true class, columns: predicted class number):",
+                  " " * 17 + "".join(f"{i:>6}" for i in range(len(names)))]
+        lines += [f"{i:>3} {name:<13}" + "".join(f"{v:>6}" for v in row)
+                  for i, (name, row) in enumerate(zip(names, result["confusion"]))]
+    return "\n".join(lines)
+
+
+def plot_confusion(result, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    k = len(result["classes"])
+    fig, ax = plt.subplots(figsize=(max(5, k * 0.5), max(4, k * 0.45)))
+    im = ax.imshow(result["confusion"], cmap="Blues")
+    if k <= 20:
+        ax.set_xticks(range(k), result["classes"], rotation=90)
+        ax.set_yticks(range(k), result["classes"])
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    ax.set_title(f"accuracy {result['accuracy']:.2%}")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanoq4.evaluate",
+                                description="Accuracy of an exported int4 model file (.nq4) on a test set.")
+    p.add_argument("model", help="the .nq4 model file")
+    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, synthetic or folder:PATH (default %(default)s)")
+    p.add_argument("--data-dir", help="data folder (default $NANOQ4_DATA, else ./data)")
+    p.add_argument("--coarse", action="store_true", help="CIFAR-100 coarse labels")
+    p.add_argument("--no-download", action="store_true", help="never download missing data")
+    p.add_argument("--plot", help="confusion-matrix PNG path (default: next to the model; needs matplotlib)")
+    args = p.parse_args(argv)
+    try:
+        result = evaluate_file(args.model, args.dataset, args.data_dir, not args.no_download, args.coarse)
+    except NanoQ4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    png = Path(args.plot) if args.plot else Path(args.model).with_suffix(".confusion.png")
+    if plot_confusion(result, png):
+        print(f"\nconfusion matrix plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
