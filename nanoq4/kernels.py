@@ -10,9 +10,16 @@ Kernels parallelize over independent rows or images (`prange`), and reductions u
 partial sums reduced afterwards, never a shared accumulator. The `*_reference` twins are slow
 and obvious; tests compare every kernel against its twin.
 """
-import numba
-import numpy as np
-from numba import njit, prange
+import os
+
+# Numba's OpenMP workers spin-wait after every parallel region by default and fight OpenBLAS's
+# threads (and any other process) for the cores: on 2 cores a small training step ran 6x slower.
+# Passive waiting must be set before numba first loads libgomp, i.e. before any kernel runs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 
 def conv_output_size(size, kernel, stride, padding):
@@ -79,11 +86,13 @@ def _col2im_kernel(cols, kh, kw, stride, pad, oh, ow, dx):
                         col += c
 
 
-def col2im(cols, x_shape, kh, kw, stride, pad):
-    """Adjoint of im2col: scatter-add (N*OH*OW, KH*KW*C) back to (N, H, W, C)."""
+def col2im(cols, x_shape, kh, kw, stride, pad, out=None):
+    """Adjoint of im2col: scatter-add (N*OH*OW, KH*KW*C) back to (N, H, W, C) (into `out`)."""
     n, h, w, c = x_shape
     oh, ow = conv_output_size(h, kh, stride, pad), conv_output_size(w, kw, stride, pad)
-    dx = np.zeros(x_shape, dtype=cols.dtype)
+    dx = np.zeros(x_shape, dtype=cols.dtype) if out is None else out
+    if out is not None:
+        dx.fill(0)
     _col2im_kernel(np.ascontiguousarray(cols), kh, kw, stride, pad, oh, ow, dx)
     return dx
 
@@ -187,7 +196,7 @@ def _channel_sums_kernel(x, chunks, step):
     for t in prange(chunks):
         for r in range(t * step, min(m, (t + 1) * step)):
             for ch in range(c):
-                v = x[r, ch]
+                v = np.float64(x[r, ch])  # square in float64 too: E[x^2] - mean^2 cancels
                 partial[t, 0, ch] += v
                 partial[t, 1, ch] += v * v
     return partial.sum(axis=0)

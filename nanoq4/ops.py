@@ -143,11 +143,17 @@ class Linear(Function):
         return (dx, dw, grad.sum(axis=0)) if ctx.has_bias else (dx, dw)
 
 
-class Conv2d(Function):
-    """2-D convolution as im2col + one GEMM: (N,H,W,Cin) * (Cout,KH,KW,Cin) -> (N,OH,OW,Cout).
+CONV_CHUNK_BYTES = 8 << 20  # im2col buffer per chunk of images: cache-sized, bounds memory
 
-    Backward is two GEMMs: dW = dY^T @ cols and dcols = dY @ W, then col2im scatters dcols
-    back to the input (skipped when the input needs no gradient, e.g. the image batch).
+
+class Conv2d(Function):
+    """2-D convolution as im2col + GEMM: (N,H,W,Cin) * (Cout,KH,KW,Cin) -> (N,OH,OW,Cout).
+
+    The batch is processed in chunks of images whose im2col matrix fits in ~8 MiB, so the
+    patches are still in cache when the GEMM reads them and memory stays flat at any batch
+    size. Backward recomputes each chunk's patches (cheaper than keeping 300 MB of them) for
+    dW = dY^T @ cols and scatters dcols = dY @ W back with col2im, skipped when the input
+    needs no gradient (the image batch).
     """
 
     @staticmethod
@@ -158,33 +164,61 @@ class Conv2d(Function):
             raise ValueError(f"conv2d: input has {cin} channels, weight expects {wcin}")
         oh = kernels.conv_output_size(h, kh, stride, padding)
         ow = kernels.conv_output_size(wd, kw, stride, padding)
-        if kh == kw == 1 and stride == 1 and padding == 0:
-            cols = x.reshape(n * h * wd, cin)
-        else:
-            cols = kernels.im2col(x, kh, kw, stride, padding)
         wmat = w.reshape(cout, -1)
-        out = cols @ wmat.T
+        out = np.empty((n * oh * ow, cout), dtype=np.result_type(x, w))
+        for s, e, cols in _conv_chunks(x, kh, kw, stride, padding, oh, ow):
+            np.matmul(cols, wmat.T, out=out[s * oh * ow:e * oh * ow])
         if b is not None:
             out += b
-        ctx.save_for_backward(cols, wmat)
-        ctx.geometry = (x.shape, w.shape, stride, padding, b is not None)
+        ctx.save_for_backward(x, wmat)
+        ctx.geometry = (w.shape, stride, padding, oh, ow, b is not None)
         return out.reshape(n, oh, ow, cout)
 
     @staticmethod
     def backward(ctx, grad):
-        cols, wmat = ctx.saved
-        x_shape, w_shape, stride, padding, has_bias = ctx.geometry
-        g = grad.reshape(-1, w_shape[0])
-        dw = (g.T @ cols).reshape(w_shape) if ctx.needs_input_grad[1] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dcols = g @ wmat
-            _, kh, kw, _ = w_shape
-            if kh == kw == 1 and stride == 1 and padding == 0:
-                dx = dcols.reshape(x_shape)
-            else:
-                dx = kernels.col2im(dcols, x_shape, kh, kw, stride, padding)
+        x, wmat = ctx.saved
+        w_shape, stride, padding, oh, ow, has_bias = ctx.geometry
+        cout, kh, kw, cin = w_shape
+        g = grad.reshape(-1, cout)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dw = np.zeros(wmat.shape, dtype=g.dtype) if need_w else None
+        dx = np.empty(x.shape, dtype=g.dtype) if need_x else None
+        partial_dw = np.empty_like(dw) if need_w else None
+        dcols = None
+        for s, e, cols in _conv_chunks(x, kh, kw, stride, padding, oh, ow, need_cols=need_w):
+            g_chunk = g[s * oh * ow:e * oh * ow]
+            if need_w:
+                np.matmul(g_chunk.T, cols, out=partial_dw)
+                dw += partial_dw
+            if need_x:
+                if dcols is None or dcols.shape[0] < len(g_chunk):
+                    dcols = np.empty((len(g_chunk), wmat.shape[1]), dtype=g.dtype)
+                np.matmul(g_chunk, wmat, out=dcols[:len(g_chunk)])
+                if kh == kw == 1 and stride == 1 and padding == 0:
+                    dx[s:e] = dcols[:len(g_chunk)].reshape(dx[s:e].shape)
+                else:
+                    kernels.col2im(dcols[:len(g_chunk)], dx[s:e].shape, kh, kw, stride, padding, out=dx[s:e])
+        dw = dw.reshape(w_shape) if need_w else None
         return (dx, dw, g.sum(axis=0)) if has_bias else (dx, dw)
+
+
+def _conv_chunks(x, kh, kw, stride, padding, oh, ow, need_cols=True):
+    """Yield (first image, end image, im2col rows of those images), reusing one buffer.
+    A 1x1/stride-1/unpadded convolution needs no im2col: its rows are the pixels themselves."""
+    n, cin = x.shape[0], x.shape[3]
+    k = kh * kw * cin
+    pointwise = kh == kw == 1 and stride == 1 and padding == 0
+    per_chunk = max(1, CONV_CHUNK_BYTES // (oh * ow * k * x.itemsize))
+    buffer = np.empty((min(n, per_chunk) * oh * ow, k), dtype=x.dtype) if need_cols and not pointwise else None
+    for s in range(0, n, per_chunk):
+        e = min(n, s + per_chunk)
+        if not need_cols:
+            cols = None
+        elif pointwise:
+            cols = x[s:e].reshape(-1, k)
+        else:
+            cols = kernels.im2col(x[s:e], kh, kw, stride, padding, out=buffer[:(e - s) * oh * ow])
+        yield s, e, cols
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -347,7 +381,8 @@ def mean(x, axis=None, keepdims=False):
 
 
 def reshape(x, shape):
-    return Reshape.apply(x, shape=tuple(shape))
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    return Reshape.apply(x, shape=shape)
 
 
 def flatten(x):
