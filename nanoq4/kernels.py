@@ -286,3 +286,54 @@ def batch_norm_backward_reference(dy, x, y, mean, inv_std, gamma, relu):
     dgamma = (g * xhat).sum(axis=0)
     dx = gamma * inv_std * (g - dbeta / len(x) - xhat * dgamma / len(x))
     return dx, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------- optimizer updates
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _sgd_kernel(w, grad, buf, lr, momentum, nesterov, weight_decay, first):
+    for i in prange(w.size):
+        g = grad[i] + weight_decay * w[i]
+        if momentum != 0.0:
+            b = g if first else momentum * buf[i] + g
+            buf[i] = b
+            g = g + momentum * b if nesterov else b
+        w[i] -= lr * g
+
+
+def sgd_update(w, grad, buf, lr, momentum, nesterov, weight_decay, first):
+    """One fused pass of PyTorch's SGD over flat arrays (buf: momentum buffer, written in place)."""
+    _sgd_kernel(w.reshape(-1), grad.reshape(-1), buf.reshape(-1), lr, momentum, nesterov, weight_decay, first)
+
+
+def sgd_update_reference(w, grad, buf, lr, momentum, nesterov, weight_decay, first):
+    g = grad + weight_decay * w
+    if momentum:
+        buf[...] = g if first else momentum * buf + g
+        g = g + momentum * buf if nesterov else buf.copy()
+    w -= lr * g
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _adamw_kernel(w, grad, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2):
+    decay = 1.0 - lr * weight_decay
+    for i in prange(w.size):
+        g = grad[i]
+        mi = beta1 * m[i] + (1.0 - beta1) * g
+        vi = beta2 * v[i] + (1.0 - beta2) * g * g
+        m[i] = mi
+        v[i] = vi
+        w[i] = w[i] * decay - (lr / bias1) * mi / (np.sqrt(vi / bias2) + eps)
+
+
+def adamw_update(w, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """One fused pass of AdamW (decoupled decay, bias-corrected moments m and v, in place)."""
+    _adamw_kernel(w.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1), lr, beta1, beta2, eps,
+                  weight_decay, 1.0 - beta1 ** step, 1.0 - beta2 ** step)
+
+
+def adamw_update_reference(w, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    w *= 1 - lr * weight_decay
+    m[...] = beta1 * m + (1 - beta1) * grad
+    v[...] = beta2 * v + (1 - beta2) * grad * grad
+    w -= (lr / (1 - beta1 ** step)) * m / (np.sqrt(v / (1 - beta2 ** step)) + eps)

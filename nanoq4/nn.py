@@ -111,12 +111,13 @@ class Module:
         if missing or unexpected:
             raise NanoQ4Error(f"state dict does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]} (was it saved from another architecture?)")
-        for name, target in targets.items():
+        for name, target in targets.items():  # check every shape before copying anything
             value = np.asarray(state[name])
             if value.shape != target.shape:
                 raise NanoQ4Error(f"state dict entry {name!r} has shape {value.shape}, the model "
                                   f"expects {target.shape} (another architecture or class count?)")
-            target[...] = value
+        for name, target in targets.items():
+            target[...] = state[name]
 
 
 def _uniform(shape, bound):

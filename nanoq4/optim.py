@@ -5,11 +5,12 @@ as plain functions of the step.
 Parameter groups are dicts {"params": [...], "weight_decay": float}; `param_groups` builds the
 usual two: weights with decay, biases and BatchNorm parameters (1-D tensors) without.
 """
+import copy
 import math
 
 import numpy as np
 
-from . import quant
+from . import kernels, quant
 
 
 def param_groups(model, weight_decay):
@@ -65,14 +66,18 @@ class Optimizer:
         raise NotImplementedError
 
     def state_dict(self):
-        return {"step_count": self.step_count, "lr": self.lr, "state": self.state}
+        return {"step_count": self.step_count, "lr": self.lr, "state": _copy_state(self.state)}
 
     def load_state_dict(self, state):
-        shapes = [[None if s is None else [a.shape for a in s] for s in g] for g in state["state"]]
         expected = [len(g["params"]) for g in self.groups]
-        if [len(g) for g in shapes] != expected:
+        if [len(g) for g in state["state"]] != expected:
             raise ValueError("optimizer state does not match the parameter groups")
-        self.step_count, self.lr, self.state = state["step_count"], state["lr"], state["state"]
+        self.step_count, self.lr, self.state = state["step_count"], state["lr"], _copy_state(state["state"])
+
+
+def _copy_state(state):
+    """Per-parameter buffers are updated in place: a saved or loaded state must own its arrays."""
+    return copy.deepcopy(state)
 
 
 class SGD(Optimizer):
@@ -84,18 +89,10 @@ class SGD(Optimizer):
         self.momentum, self.nesterov = momentum, nesterov
 
     def update(self, w, grad, buf, weight_decay):
-        g = grad + w.dtype.type(weight_decay) * w if weight_decay else grad.copy()
-        if self.momentum:
-            if buf is None:
-                buf = (g.copy(),)
-            else:
-                buf[0] *= self.momentum
-                buf[0] += g
-            if self.nesterov:
-                g += self.momentum * buf[0]
-            else:
-                g = buf[0]
-        w -= w.dtype.type(self.lr) * g
+        first = buf is None
+        if first:
+            buf = np.empty_like(w)
+        kernels.sgd_update(w, grad, buf, self.lr, self.momentum, self.nesterov, weight_decay, first)
         return buf
 
 
@@ -107,20 +104,11 @@ class AdamW(Optimizer):
         self.betas, self.eps = betas, eps
 
     def update(self, w, grad, state, weight_decay):
-        b1, b2 = self.betas
         if state is None:
             state = (np.zeros_like(w), np.zeros_like(w))
         m, v = state
-        t = self.step_count
-        if weight_decay:
-            w *= w.dtype.type(1 - self.lr * weight_decay)
-        m *= b1
-        m += (1 - b1) * grad
-        v *= b2
-        v += (1 - b2) * grad * grad
-        step_size = self.lr / (1 - b1 ** t)
-        denom = np.sqrt(v / (1 - b2 ** t)) + self.eps
-        w -= (step_size * m / denom).astype(w.dtype, copy=False)
+        kernels.adamw_update(w, grad, m, v, self.lr, self.betas[0], self.betas[1], self.eps, weight_decay,
+                             self.step_count)
         return state
 
 

@@ -82,8 +82,8 @@ class Tensor:
             if g is None:
                 continue
             ctx = node._ctx
-            if ctx is None:  # a leaf: parameters and inputs keep their gradient
-                node.grad = g if node.grad is None else node.grad + g
+            if ctx is None:  # a leaf: parameters and inputs keep their own gradient array
+                node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
             node._ctx = None
             start = time.perf_counter() if PROFILE else 0.0
