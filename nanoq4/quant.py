@@ -196,15 +196,8 @@ def _check_positive(name, value):
         raise NanoQ4Error(f"{name} must be a positive finite number, got {value!r}")
 
 
-@njit(parallel=True, cache=True)
-def _tanh_soft_clip_kernel(x, alpha):
-    """x <- alpha * tanh(x / alpha) in place on a flat array; alpha has x's dtype."""
-    for i in prange(x.size):
-        x[i] = alpha * np.tanh(x[i] / alpha)
-
-
 def _tanh_soft_clip_reference(w, alpha):
-    """NumPy twin of _tanh_soft_clip_kernel (returns a new array)."""
+    """The formula on a new array (tanh_soft_clip_ computes the same in place)."""
     alpha = w.dtype.type(alpha)
     return alpha * np.tanh(w / alpha)
 
@@ -221,7 +214,12 @@ def tanh_soft_clip_(w, alpha) -> None:
             and w.flags.c_contiguous and w.flags.writeable):
         raise ValueError("tanh_soft_clip_ works in place on a writeable C-contiguous "
                          "float32 or float64 array")
-    _tanh_soft_clip_kernel(w.reshape(-1), w.dtype.type(alpha))
+    # NumPy's in-place ufuncs, not Numba: NumPy's tanh is SIMD-vectorized, while a Numba loop
+    # calls the scalar libm tanh and measured 2-3x slower.
+    alpha = w.dtype.type(alpha)
+    np.divide(w, alpha, out=w)
+    np.tanh(w, out=w)
+    np.multiply(w, alpha, out=w)
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
