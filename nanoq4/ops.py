@@ -165,9 +165,10 @@ class Conv2d(Function):
         oh = kernels.conv_output_size(h, kh, stride, padding)
         ow = kernels.conv_output_size(wd, kw, stride, padding)
         wmat = w.reshape(cout, -1)
+        wmat_t = np.ascontiguousarray(wmat.T)  # (K, Cout): a plain row-major GEMM operand
         out = np.empty((n * oh * ow, cout), dtype=np.result_type(x, w))
         for s, e, cols in _conv_chunks(x, kh, kw, stride, padding, oh, ow):
-            np.matmul(cols, wmat.T, out=out[s * oh * ow:e * oh * ow])
+            np.matmul(cols, wmat_t, out=out[s * oh * ow:e * oh * ow])
         if b is not None:
             out += b
         ctx.save_for_backward(x, wmat)
@@ -181,15 +182,17 @@ class Conv2d(Function):
         cout, kh, kw, cin = w_shape
         g = grad.reshape(-1, cout)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dw = np.zeros(wmat.shape, dtype=g.dtype) if need_w else None
+        # dW is accumulated transposed, (K, Cout) = cols^T @ dY: OpenBLAS runs this orientation
+        # ~10x faster than dY^T @ cols, whose long reduction it barely parallelizes.
+        dw_t = np.zeros(wmat.shape[::-1], dtype=g.dtype) if need_w else None
         dx = np.empty(x.shape, dtype=g.dtype) if need_x else None
-        partial_dw = np.empty_like(dw) if need_w else None
+        partial_dw_t = np.empty_like(dw_t) if need_w else None
         dcols = None
         for s, e, cols in _conv_chunks(x, kh, kw, stride, padding, oh, ow, need_cols=need_w):
             g_chunk = g[s * oh * ow:e * oh * ow]
             if need_w:
-                np.matmul(g_chunk.T, cols, out=partial_dw)
-                dw += partial_dw
+                np.matmul(cols.T, g_chunk, out=partial_dw_t)
+                dw_t += partial_dw_t
             if need_x:
                 if dcols is None or dcols.shape[0] < len(g_chunk):
                     dcols = np.empty((len(g_chunk), wmat.shape[1]), dtype=g.dtype)
@@ -198,7 +201,7 @@ class Conv2d(Function):
                     dx[s:e] = dcols[:len(g_chunk)].reshape(dx[s:e].shape)
                 else:
                     kernels.col2im(dcols[:len(g_chunk)], dx[s:e].shape, kh, kw, stride, padding, out=dx[s:e])
-        dw = dw.reshape(w_shape) if need_w else None
+        dw = np.ascontiguousarray(dw_t.T).reshape(w_shape) if need_w else None
         return (dx, dw, g.sum(axis=0)) if has_bias else (dx, dw)
 
 
