@@ -154,8 +154,8 @@ def _read_model_file(path):
 def load_model(path):
     """Load a .nq4 file for inference (no training state needed) -> InferenceModel."""
     header, payload = _read_model_file(path)
-    arch = header["architecture"]
     try:
+        arch = header["architecture"]
         model = build_model(arch["model"], arch["num_classes"], arch["quantize"], arch["bits"],
                             arch.get("per_channel", False))
         state = {}
@@ -175,10 +175,12 @@ def load_model(path):
                 scale = np.frombuffer(s_blob, dtype="<f4").reshape(s_info["shape"])
                 state[name] = quant.dequantize(codes, scale)
         model.load_state_dict(state)
+        return InferenceModel(model, header)
+    except NanoQ4Error as e:
+        raise NanoQ4Error(f"{path}: {e}") from None
     except (KeyError, ValueError, TypeError) as e:
         raise NanoQ4Error(f"{path} does not describe a loadable model ({type(e).__name__}: {e}); "
                           f"re-export it") from None
-    return InferenceModel(model, header)
 
 
 def model_file_sizes(model, path):

@@ -240,12 +240,11 @@ def train(cfg):
         if clash:
             raise NanoQ4Error(f"checkpoint {cfg.resume} was trained with different settings "
                               f"({', '.join(f'{k}={saved.get(k)!r}' for k in clash)}); resume with the same flags")
+    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, coarse=cfg.coarse)
     out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else _default_out(cfg))
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # only once the data is there: a bad flag leaves no folder
     cfg.out = str(out)
 
-    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, coarse=cfg.coarse,
-                                seed=cfg.seed)
     nn.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, dataset.num_classes, quantize=not cfg.fp32, bits=cfg.bits,
                                per_channel=cfg.per_channel)
