@@ -1,0 +1,292 @@
+"""The trainer (nanoq4/train.py) end to end on the in-memory synthetic dataset (2000 train /
+500 test images): the artefacts of a run, accuracy, exact resume after an interruption at an
+epoch boundary or mid-epoch, and the stop on a non-finite loss."""
+import contextlib
+import io
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from nanoq4 import export, ops, optim
+from nanoq4 import train as train_module
+from nanoq4.errors import NanoQ4Error
+from nanoq4.tensor import Tensor
+from nanoq4.train import TrainConfig, main, train
+
+# Two short epochs (4 steps of 32 images each) with a fixed seed: a few seconds per run.
+SMOKE = ["--dataset", "synthetic", "--model", "simpleresnet4bit", "--epochs", "2", "--max-steps-per-epoch", "4",
+         "--batch-size", "32", "--seed", "5", "--no-progress"]
+TIMING_KEYS = {"epoch_time", "train_images_per_s"}  # wall-clock measurements, never reproducible
+EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "grid"}
+
+
+def run_main(argv):
+    """(exit code, stdout) of the training CLI run in this process."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(history):
+    return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in history]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The uninterrupted reference run: SMOKE through main()."""
+    folder = tmp_path_factory.mktemp("smoke")
+    code, stdout = run_main(SMOKE + ["--out", str(folder)])
+    return code, folder, stdout
+
+
+# ----------------------------------------------------------------------------- a run's artefacts
+
+def test_run_exits_with_status_0(smoke_run):
+    code, _, stdout = smoke_run
+    assert code == 0, stdout
+
+
+@pytest.mark.parametrize("artefact", ["checkpoint.ckpt", "metrics.jsonl", "model.nq4"])
+def test_run_writes_its_artefacts(smoke_run, artefact):
+    _, folder, _ = smoke_run
+    assert (folder / artefact).is_file()
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+
+
+def test_run_writes_curves_png_when_matplotlib_is_installed(smoke_run):
+    pytest.importorskip("matplotlib")
+    _, folder, _ = smoke_run
+    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_start_with_the_config(smoke_run):
+    _, folder, _ = smoke_run
+    config = read_metrics(folder)[0]["config"]
+    assert config["model"] == "simpleresnet4bit" and config["dataset"] == "synthetic"
+    assert config["epochs"] == 2 and config["batch_size"] == 32 and config["seed"] == 5
+    assert config["out"] == str(folder)
+
+
+def test_metrics_hold_one_record_per_epoch(smoke_run):
+    _, folder, _ = smoke_run
+    records = read_metrics(folder)[1:]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert EPOCH_KEYS <= set(r), f"missing {EPOCH_KEYS - set(r)}"
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1
+        assert np.isfinite(r["train_loss"]) and np.isfinite(r["test_loss"]) and r["lr"] >= 0
+
+
+def test_metrics_grid_stats_cover_every_quantized_layer(smoke_run):
+    _, folder, _ = smoke_run
+    for record in read_metrics(folder)[1:]:
+        grid = record["grid"]
+        assert len(grid) == 7, "SimpleResNet4bit has 7 quantized layers"
+        for layer in grid:
+            assert layer["levels_total"] == 15 and 1 <= layer["levels_used"] <= 15
+            assert 0 <= layer["frac_at_max"] <= 1 and 0 <= layer["flip_rate"] <= 1
+            assert layer["scale"] > 0
+
+
+def test_exported_model_loads_with_the_run_architecture(smoke_run):
+    _, folder, _ = smoke_run
+    model = export.load_model(folder / "model.nq4")
+    assert model.arch == dict(model="simpleresnet4bit", num_classes=10, quantize=True, bits=4, per_channel=False)
+    assert model.class_names == [f"pattern{i}" for i in range(10)]
+
+
+def test_output_reports_the_final_test_accuracy(smoke_run):
+    _, folder, stdout = smoke_run
+    final = read_metrics(folder)[-1]["test_acc"]
+    assert f"FINAL test accuracy (epoch 2): {final:.2%}" in stdout
+
+
+def test_output_reports_the_model_sizes(smoke_run):
+    _, folder, stdout = smoke_run
+    size_mib = (folder / "model.nq4").stat().st_size / 2 ** 20
+    assert "model size: float32 0.28 MiB" in stdout
+    assert f"int4 file {size_mib:.2f} MiB" in stdout
+
+
+def test_final_checkpoint_marks_the_run_finished(smoke_run):
+    _, folder, _ = smoke_run
+    ckpt = export.load_checkpoint(folder / "checkpoint.ckpt")
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["partial"]) == (2, 0, None)
+    assert without_timing(ckpt["history"]) == without_timing(read_metrics(folder)[1:])
+
+
+def test_fp32_run_exports_a_float_model(tmp_path):
+    code, _ = run_main(SMOKE + ["--fp32", "--epochs", "1", "--max-steps-per-epoch", "2", "--out", str(tmp_path)])
+    assert code == 0
+    model = export.load_model(tmp_path / "model.nq4")
+    assert model.arch["quantize"] is False
+    assert read_metrics(tmp_path)[1]["grid"] == []
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+@pytest.fixture(scope="module")
+def full_epoch_run(tmp_path_factory):
+    """One full epoch (32 steps of 64 images), warm-up over the first quarter: a small CNN
+    learns the synthetic patterns (>97% in our runs)."""
+    folder = tmp_path_factory.mktemp("full")
+    cfg = TrainConfig(dataset="synthetic", model="simpleresnet4bit", epochs=1, batch_size=64, warmup_epochs=0.25,
+                      progress=False, out=str(folder))
+    with contextlib.redirect_stdout(io.StringIO()):
+        history = train(cfg)
+    return history, folder
+
+
+def test_full_epoch_on_synthetic_data_reaches_90_percent(full_epoch_run):
+    history, _ = full_epoch_run
+    assert history[-1]["test_acc"] >= 0.90, f"test accuracy {history[-1]['test_acc']:.2%}"
+
+
+def test_train_returns_the_history_it_wrote(full_epoch_run):
+    history, folder = full_epoch_run
+    assert history == read_metrics(folder)[1:]
+
+
+# ----------------------------------------------------------------------------- resume
+
+def assert_same_run(resumed, reference):
+    """Bit-identical weights, optimizer state, history (but wall-clock times) and model file."""
+    got = export.load_checkpoint(resumed / "checkpoint.ckpt")
+    want = export.load_checkpoint(reference / "checkpoint.ckpt")
+    assert list(got["model"]) == list(want["model"])
+    differing = {name: float(np.abs(got["model"][name] - want["model"][name]).max())
+                 for name in want["model"] if not np.array_equal(got["model"][name], want["model"][name])}
+    assert not differing, f"weights differ from the uninterrupted run (max abs difference): {differing}"
+    for group_got, group_want in zip(got["optimizer"]["state"], want["optimizer"]["state"]):
+        for s_got, s_want in zip(group_got, group_want):
+            assert all(np.array_equal(a, b) for a, b in zip(s_got, s_want)), "optimizer buffers differ"
+    assert got["optimizer"]["step_count"] == want["optimizer"]["step_count"]
+    assert without_timing(read_metrics(resumed)[1:]) == without_timing(read_metrics(reference)[1:])
+    assert (resumed / "model.nq4").read_bytes() == (reference / "model.nq4").read_bytes()
+
+
+def test_resume_from_an_epoch_boundary_equals_the_uninterrupted_run(smoke_run, tmp_path, monkeypatch):
+    real_evaluate = train_module.evaluate
+    calls = []
+
+    def evaluate_then_stop_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the end of epoch 2: the epoch-1 checkpoint is the last one saved
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_stop_in_epoch_2)
+    code, _ = run_main(SMOKE + ["--out", str(tmp_path)])
+    assert code == 130
+    ckpt = export.load_checkpoint(tmp_path / "checkpoint.ckpt")
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 0)
+
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    code, stdout = run_main(SMOKE + ["--out", str(tmp_path), "--resume"])
+    assert code == 0
+    assert "resumed" in stdout and "epoch 2, batch 0" in stdout
+    assert_same_run(tmp_path, smoke_run[1])
+
+
+def test_resume_from_mid_epoch_equals_the_uninterrupted_run(smoke_run, tmp_path, monkeypatch):
+    """Ctrl-C during epoch 1: the loop saves at the next batch boundary and stops."""
+    real_step = optim.Optimizer.step
+    calls = []
+
+    def step_then_interrupt(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(optim.SGD, "step", step_then_interrupt)
+    code, _ = run_main(SMOKE + ["--out", str(tmp_path)])
+    assert code == 130
+    ckpt = export.load_checkpoint(tmp_path / "checkpoint.ckpt")
+    assert (ckpt["epoch"], ckpt["batch"]) == (0, 3), "saved before the 4th batch of epoch 1"
+    assert ckpt["partial"][2] == 3 * 32, "the running sums of the 3 finished batches are kept"
+
+    monkeypatch.setattr(optim.SGD, "step", real_step)
+    code, stdout = run_main(SMOKE + ["--out", str(tmp_path), "--resume", str(tmp_path / "checkpoint.ckpt")])
+    assert code == 0
+    assert "epoch 1, batch 3" in stdout
+    assert_same_run(tmp_path, smoke_run[1])
+
+
+def test_ctrl_c_during_training_only_requests_a_stop():
+    with train_module._StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_stop_request_restores_the_previous_signal_handlers():
+    def sentinel(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, sentinel) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with train_module._StopRequest():
+            assert signal.getsignal(signal.SIGINT) is not sentinel
+        assert signal.getsignal(signal.SIGINT) is sentinel
+        assert signal.getsignal(signal.SIGTERM) is sentinel
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+
+def nan_loss_on_training_step(n, monkeypatch):
+    """The n-th training loss (counted over the run) becomes NaN; evaluation losses are not counted."""
+    real = ops.cross_entropy
+    calls = []
+
+    def cross_entropy(logits, *args, **kwargs):
+        loss = real(logits, *args, **kwargs)
+        if logits.requires_grad:
+            calls.append(1)
+            if len(calls) == n:
+                return Tensor(np.float32(np.nan))
+        return loss
+
+    monkeypatch.setattr(ops, "cross_entropy", cross_entropy)
+
+
+def smoke_config(out):
+    return TrainConfig(dataset="synthetic", model="simpleresnet4bit", epochs=2, max_steps_per_epoch=4, batch_size=32,
+                       seed=5, progress=False, out=str(out))
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    nan_loss_on_training_step(3, monkeypatch)
+    with pytest.raises(NanoQ4Error, match=r"loss became nan at epoch 1 step 3") as info:
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(smoke_config(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_loss_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    nan_loss_on_training_step(4 + 2, monkeypatch)  # epoch 2, step 2
+    with pytest.raises(NanoQ4Error, match="epoch 2 step 2") as info:
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(smoke_config(tmp_path))
+    assert str(tmp_path / "checkpoint.ckpt") in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_huge_learning_rate_ends_with_exit_code_2_and_one_line(tmp_path, capsys):
+    code = main(SMOKE + ["--lr", "1e30", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err
+    assert "step" in err and "lower" in err and "--lr" in err
