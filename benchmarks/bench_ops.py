@@ -4,6 +4,9 @@ A conv here is im2col + one GEMM forward and two GEMMs + col2im backward, so the
 what it can reach: for each layer the same GEMM shapes are timed with np.matmul alone, in the
 same run, and the ratio (conv time) / (GEMM time) says what im2col, col2im and the bias cost
 on top (target <= 1.25). Input 32x32x3 NHWC float32, 3x3 kernels, padding 1, with bias.
+GEMMs (M = N*OH*OW, K = 9*Cin): forward (M,K)@(K,Cout); backward dW (Cout,M)@(M,K), or its
+transpose (K,M)@(M,Cout) if faster, and dX (M,Cout)@(Cout,K). Timings on a shared machine are
+only meaningful when nothing else runs: check `top` first.
 
     python benchmarks/bench_ops.py --batch 128 --repeats 5
 """
@@ -53,20 +56,25 @@ def bench_layer(batch, size, cin, cout, repeats, rng):
     cols = kernels.im2col(x.data, 3, 3, 1, 1)  # the GEMM operands: (M, K) patches, (Cout, K) weights
     wmat = w.data.reshape(cout, k)
     g = grad.reshape(m, cout)
-    y, dw, dcols = np.empty((m, cout), np.float32), np.empty((cout, k), np.float32), np.empty((m, k), np.float32)
+    y, dcols = np.empty((m, cout), np.float32), np.empty((m, k), np.float32)
+    dw, dw_t = np.empty((cout, k), np.float32), np.empty((k, cout), np.float32)
     fns = {
         "fwd": lambda: ops.conv2d(x, w, b, stride=1, padding=1),
         "gemm_fwd": lambda: np.matmul(cols, wmat.T, out=y),
         "bwd": lambda: ctx.backward(ctx, grad),
         "gemm_dw": lambda: np.matmul(g.T, cols, out=dw),
+        # the same product transposed, cols^T @ dY: OpenBLAS is often much faster this way round,
+        # and the baseline should be the best a pure GEMM can do
+        "gemm_dw_t": lambda: np.matmul(cols.T, g, out=dw_t),
     }
     if x.requires_grad:  # the first layer's input is the image batch: no input gradient
         fns["gemm_dx"] = lambda: np.matmul(g, wmat, out=dcols)
     t = interleaved_medians(fns, repeats)
     flops_forward = 2.0 * m * k * cout
     flops_backward = flops_forward * (2 if x.requires_grad else 1)
-    return dict(m=m, k=k, fwd=t["fwd"], bwd=t["bwd"], gemm_fwd=t["gemm_fwd"],
-                gemm_bwd=t["gemm_dw"] + t.get("gemm_dx", 0.0), flops_fwd=flops_forward, flops_bwd=flops_backward)
+    gemm_backward = min(t["gemm_dw"], t["gemm_dw_t"]) + t.get("gemm_dx", 0.0)
+    return dict(m=m, k=k, fwd=t["fwd"], bwd=t["bwd"], gemm_fwd=t["gemm_fwd"], gemm_bwd=gemm_backward,
+                flops_fwd=flops_forward, flops_bwd=flops_backward)
 
 
 def thread_info():

@@ -107,7 +107,9 @@ def make_optimizer(model, cfg):
 
 def make_schedule(cfg, steps_per_epoch):
     total = cfg.epochs * steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    # The warm-up never takes more than 30% of the run (as PyTorch's OneCycleLR), so even a
+    # one-epoch run decays to zero and ends on its best-tuned weights.
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), int(0.3 * total))
     lr = cfg.resolved_lr()
     if cfg.schedule == "onecycle":
         return optim.one_cycle_schedule(lr, total, max(1, warmup))

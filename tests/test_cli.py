@@ -1,7 +1,6 @@
 """The command lines: `python -m nanoq4.train` (help, flags, refusals with exit code 2),
 `python -m nanoq4.evaluate` and `python -m nanoq4.predict` on an exported model file."""
 import contextlib
-import dataclasses
 import io
 import json
 import re
@@ -13,7 +12,6 @@ import pytest
 from PIL import Image
 
 from nanoq4 import data, evaluate, export, predict
-from nanoq4 import train as train_module
 from nanoq4.train import PAPER_RECIPE, TrainConfig, config_from_args, main
 
 QUICK = ["--dataset", "synthetic", "--model", "simpleresnet4bit", "--epochs", "1", "--max-steps-per-epoch", "4",

@@ -30,7 +30,7 @@ def plain_twin(qlayer):
 
 QLAYERS = {
     "QConv2d": (lambda **kw: nn.QConv2d(3, 5, 3, padding=1, **kw), lambda: nhwc()),
-    "QConv2d stride 2": (lambda **kw: nn.QConv2d(3, 4, 3, stride=2, padding=1, **kw), lambda: nhwc(size=7)),
+    "QConv2d_stride2": (lambda **kw: nn.QConv2d(3, 4, 3, stride=2, padding=1, **kw), lambda: nhwc(size=7)),
     "QLinear": (lambda **kw: nn.QLinear(12, 7, **kw),
                 lambda: np.random.default_rng(1).standard_normal((4, 12)).astype(np.float32)),
 }
@@ -69,7 +69,7 @@ def test_ste_input_gradient_is_taken_through_the_quantized_weight(kind):
     np.testing.assert_array_equal(grads[0], grads[1])
 
 
-def test_ste_gradient_differs_from_the_latent_weight_forward():
+def test_fake_quantized_weight_differs_from_the_latent_weight():
     """Guard for the two tests above: the twin really uses W_q, which differs from W."""
     nn.manual_seed(0)
     layer = nn.QConv2d(3, 5, 3, padding=1)
@@ -110,7 +110,7 @@ def test_forward_weights_lie_on_the_symmetric_grid(kind, bits):
     assert len(grid_weights) <= 2 * q + 1
 
 
-def test_four_bit_layer_uses_at_most_15_levels_and_code_7():
+def test_four_bit_layer_uses_all_15_levels_from_minus_7_to_7():
     nn.manual_seed(0)
     layer = nn.QConv2d(64, 64, 3, padding=1)  # 36,864 weights: every level is in use
     layer(Tensor(nhwc(n=1, size=4, channels=64)))
@@ -252,7 +252,7 @@ def test_fp32_training_attaches_no_hook():
 
 
 @pytest.mark.parametrize("settings", [dict(tanh_alpha=0.3), dict(tanh_relative=2.0)],
-                         ids=["absolute alpha", "relative alpha"])
+                         ids=["absolute_alpha", "relative_alpha"])
 def test_tanh_clip_hook_is_a_tanh_of_the_updated_weights(settings):
     """W <- a * tanh(W / a) on the weights the optimizer just produced, a = alpha or k * RMS(W)."""
     hooked, free = small_qnet(), small_qnet()

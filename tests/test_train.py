@@ -155,6 +155,25 @@ def test_train_returns_the_history_it_wrote(full_epoch_run):
     assert history == read_metrics(folder)[1:]
 
 
+# ----------------------------------------------------------------------------- learning-rate schedule
+
+STEPS = 10  # steps per epoch in the schedule tests
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_schedule_warms_up_to_the_peak_then_decays_towards_zero(schedule):
+    lr = train_module.make_schedule(TrainConfig(schedule=schedule, epochs=3), STEPS)
+    rates = [lr(step) for step in range(3 * STEPS)]
+    assert max(rates) == pytest.approx(0.05)
+    assert rates[0] < 0.05 and rates[-1] < 0.05 * 0.1
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_one_epoch_run_with_default_warmup_still_decays(schedule):
+    lr = train_module.make_schedule(TrainConfig(schedule=schedule, epochs=1), STEPS)
+    assert lr(STEPS - 1) < 0.5 * 0.05, f"the last step runs at {lr(STEPS - 1)}, the peak rate is 0.05"
+
+
 # ----------------------------------------------------------------------------- resume
 
 def assert_same_run(resumed, reference):
