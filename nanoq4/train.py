@@ -24,7 +24,8 @@ from . import data, export, models, nn, ops, optim, quant
 from .errors import NanoQ4Error
 from .tensor import Tensor, no_grad
 
-# About 6.5 min per VGG4bit epoch on 2 cores (see README): 30 epochs is ~3.3 hours.
+# 30 epochs of 391 steps: a few hours on 2 cores at the step time benchmarks/bench_train_step.py
+# reports (README lists the measured figures).
 DEFAULT_EPOCHS = 30
 EVAL_BATCH = 250  # images per evaluation forward; bounds the im2col buffer of the first layers
 
@@ -375,7 +376,7 @@ def build_parser():
         prog="python -m nanoq4.train",
         description="Train a 4-bit quantized CNN on the CPU and export it as a packed int4 model file. "
                     f"Defaults: VGG4bit on CIFAR-10, {DEFAULT_EPOCHS} epochs of SGD with Nesterov momentum and a "
-                    "one-cycle schedule, about 6.5 minutes per epoch on 2 cores (see README for measured times "
+                    "one-cycle schedule; an epoch is 391 steps of 128 images (README lists measured step times "
                     "and accuracies).")
     d = TrainConfig()
     p.add_argument("--dataset", default=d.dataset, help="cifar10, cifar100, synthetic or folder:PATH (default %(default)s)")
