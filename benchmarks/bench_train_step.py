@@ -53,9 +53,9 @@ def gemm_seconds(batch, repeats=3):
     shapes = []
     for h, cin, cout in VGG_CONVS:
         m, k = batch * h * h, 9 * cin
-        shapes += [(m, k, cout), (cout, m, k)] + ([(m, cout, k)] if cin > 3 else [])
+        shapes += [(m, k, cout), (k, m, cout)] + ([(m, cout, k)] if cin > 3 else [])  # y, dW^T, dcols
     for fin, fout in VGG_LINEARS:
-        shapes += [(batch, fin, fout), (fout, batch, fin), (batch, fout, fin)]
+        shapes += [(batch, fin, fout), (fin, batch, fout), (batch, fout, fin)]
     for m, k, n in shapes:
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)

@@ -143,15 +143,15 @@ class Linear(Function):
         return (dx, dw, grad.sum(axis=0)) if ctx.has_bias else (dx, dw)
 
 
-CONV_CHUNK_BYTES = 8 << 20  # im2col buffer per chunk of images: cache-sized, bounds memory
+CONV_CHUNK_BYTES = 128 << 20  # im2col buffer per chunk of images: bounds memory at any batch size
 
 
 class Conv2d(Function):
     """2-D convolution as im2col + GEMM: (N,H,W,Cin) * (Cout,KH,KW,Cin) -> (N,OH,OW,Cout).
 
-    The batch is processed in chunks of images whose im2col matrix fits in ~8 MiB, so the
-    patches are still in cache when the GEMM reads them and memory stays flat at any batch
-    size. Backward recomputes each chunk's patches (cheaper than keeping 300 MB of them) for
+    The batch is processed in chunks of images whose im2col matrix fits in CONV_CHUNK_BYTES,
+    so memory stays flat at any batch size (smaller chunks measured slower: BLAS wants tall
+    GEMMs). Backward recomputes each chunk's patches (cheaper than keeping 300 MB of them) for
     dW = dY^T @ cols and scatters dcols = dY @ W back with col2im, skipped when the input
     needs no gradient (the image batch).
     """
