@@ -29,15 +29,19 @@ memory); the object saved for backward is therefore x itself.
 
 Parallelism is over chunks, not inside them: each of numba.get_num_threads() worker threads
 takes whole chunks (transform, 16 single-threaded GEMMs, transform) and nothing synchronizes
-until the layer is done. The alternative -- prange kernels plus multi-threaded BLAS on each of
-the 16 small GEMMs -- meets at a barrier some thousand times per layer, and on two cores shared
-with other processes every barrier waits for a descheduled thread: it measured ~10x slower
-than im2col under load, while this layout stays ahead (benchmarks/bench_winograd.py). So the
-kernels are serial and release the GIL, and BLAS is held to one thread (threadpoolctl) while
-the workers run; without threadpoolctl the chunks run one after another on the calling thread.
+until the layer is done. Running each chunk on all threads instead -- parallel kernels, then
+multi-threaded BLAS on each of the 16 small GEMMs -- meets at a barrier thousands of times per
+layer; on two cores shared with other processes each barrier waits for a descheduled thread,
+and that version measured up to 10x slower than im2col under load. So BLAS is held to one
+thread (threadpoolctl) while the workers run, and each worker sets its own Numba thread count
+to 1. Without threadpoolctl the chunks run one after another on the calling thread, with
+parallel kernels and multi-threaded BLAS.
 
-Transform kernels loop over tiles with the channel loop innermost (contiguous in both NHWC and
-the (16, T, C) layouts, so it vectorizes); window positions outside the image are read from a
+Transform kernels loop over tiles (`prange`: parallel when called from the main thread, serial
+in a worker) with the channel loop innermost, contiguous in both NHWC and the (16, T, C)
+layouts. `prange` matters even serially: Numba compiles a parfor body with its arrays marked
+non-aliasing, which is what lets LLVM vectorize a loop with 16 input and 16 output streams (a
+plain @njit version ran 3-7x slower). Window positions outside the image are read from a
 clamped in-bounds index and multiplied by a 0/1 mask, which keeps the inner loop free of
 branches. Every kernel has a plain-NumPy `*_reference` twin that spells the same transform with
 the explicit matrices B^T, G, A^T below.
@@ -47,7 +51,7 @@ import concurrent.futures
 
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # The transform matrices of F(2x2, 3x3); the kernels below hard-code their products.
 BT = np.array([[1, 0, -1, 0],
@@ -115,11 +119,11 @@ def _window(start, size, one):
 
 # ----------------------------------------------------------------------------- input transform
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _input_transform_kernel(x, one, v):
     n, h, w, c = x.shape
     th, tw = (h + 1) // 2, (w + 1) // 2
-    for t in range(n * th * tw):
+    for t in prange(n * th * tw):
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
         r0, r1, r2, r3, mr0, mr1, mr2, mr3 = _window(2 * ti - 1, h, one)
         c0, c1, c2, c3, mc0, mc1, mc2, mc3 = _window(2 * tj - 1, w, one)
@@ -178,12 +182,12 @@ def _overlap_add(v0, v1, v2, v3, before, after, m_before, m_after):
     return v1 - v2 + v3 - m_before * before, v1 + v2 - v0 + m_after * after
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _input_transform_adjoint_kernel(dv, one, dx):
     n, h, w, c = dx.shape
     th, tw = (h + 1) // 2, (w + 1) // 2
     zero = one - one
-    for t in range(n * th * tw):  # one 2x2 block of dx per tile: a gather, so no write races
+    for t in prange(n * th * tw):  # one 2x2 block of dx per tile: a gather, so no write races
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
         # neighbouring tiles, clamped onto this one (and masked out) at the image border
         up, down, left, right = min(ti, 1), min(th - 1 - ti, 1), min(tj, 1), min(tw - 1 - tj, 1)
@@ -243,10 +247,10 @@ def input_transform_adjoint_reference(dv, x_shape):
 
 # ----------------------------------------------------------------------------- weight transform
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _weight_transform_kernel(w, half, u):
     cout, _, _, cin = w.shape
-    for co in range(cout):
+    for co in prange(cout):
         for ci in range(cin):
             # G g: combine the 3 rows of each kernel column ...
             p0 = _g(w[co, 0, 0, ci], w[co, 1, 0, ci], w[co, 2, 0, ci], half)
@@ -274,10 +278,10 @@ def weight_transform_reference(w):
     return np.einsum("ra,oabi,sb->rsoi", g, w, g).reshape(16, w.shape[0], w.shape[3])
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _weight_transform_adjoint_kernel(du, half, dw):
     cout, _, _, cin = dw.shape
-    for co in range(cout):
+    for co in prange(cout):
         for ci in range(cin):
             # G^T dU: combine the 4 rows of each column ...
             p0 = _gt(du[0, co, ci], du[4, co, ci], du[8, co, ci], du[12, co, ci], half)
@@ -306,11 +310,11 @@ def weight_transform_adjoint_reference(du):
 
 # ----------------------------------------------------------------------------- output transform
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _output_transform_kernel(m, y):
     n, h, w, c = y.shape
     th, tw = (h + 1) // 2, (w + 1) // 2
-    for t in range(n * th * tw):
+    for t in prange(n * th * tw):
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
         i0, j0 = 2 * ti, 2 * tj
         i1, j1 = min(i0 + 1, h - 1), min(j0 + 1, w - 1)  # clamped: odd sizes crop the last tile
@@ -344,12 +348,12 @@ def output_transform_reference(m, y_shape):
     return y.reshape(n, 2 * th, 2 * tw, c)[:, :h, :w]
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _output_transform_adjoint_kernel(g, one, dm):
     n, h, w, c = g.shape
     th, tw = (h + 1) // 2, (w + 1) // 2
     zero = one - one
-    for t in range(n * th * tw):
+    for t in prange(n * th * tw):
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
         i0, j0 = 2 * ti, 2 * tj
         i1, j1 = min(i0 + 1, h - 1), min(j0 + 1, w - 1)
@@ -424,8 +428,10 @@ _executors = {}  # thread count -> ThreadPoolExecutor, created on first use
 
 
 def _thread_count():
-    """Worker threads for the chunks: Numba's thread count, or 1 if BLAS cannot be held to one
-    thread per call (two threads calling a multi-threaded BLAS at once would oversubscribe)."""
+    """Worker threads for the chunks: Numba's thread count, when BLAS can be held to one thread
+    per call (threadpoolctl) and Numba's threading layer accepts kernel launches from several
+    threads at once (omp, tbb; not workqueue). Otherwise 1: the chunks then run one after another
+    on the calling thread, with parallel kernels and multi-threaded BLAS."""
     global _blas_controller
     if _blas_controller is None:
         try:
@@ -433,7 +439,17 @@ def _thread_count():
             _blas_controller = threadpoolctl.ThreadpoolController()
         except ImportError:
             _blas_controller = False
-    return numba.get_num_threads() if _blas_controller else 1
+    if not _blas_controller or numba.get_num_threads() == 1:
+        return 1
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet, so no layer is loaded
+        return 1
+    return numba.get_num_threads() if layer in ("omp", "tbb") else 1
+
+
+def _single_threaded_worker():
+    numba.set_num_threads(1)  # per thread: this worker's kernels run serially
 
 
 def _run_on_threads(chunks, threads, worker):
@@ -452,7 +468,8 @@ def _run_on_threads(chunks, threads, worker):
     if threads == 1:
         return [worker(take())]
     if threads not in _executors:
-        _executors[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="winograd")
+        _executors[threads] = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="winograd", initializer=_single_threaded_worker)
     with _blas_controller.limit(limits=1, user_api="blas"):
         futures = [_executors[threads].submit(worker, take()) for _ in range(threads)]
         concurrent.futures.wait(futures)

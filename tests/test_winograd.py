@@ -207,6 +207,40 @@ def test_result_does_not_depend_on_the_chunking(chunk_bytes):
     assert_close_to_scale(dw, dw_ref, np.float64, "dw")
 
 
+def test_threaded_and_sequential_chunks_agree(monkeypatch):
+    """The chunks run on several threads when BLAS can be held to one thread per call, else one
+    after another on the caller's thread: same y, dx and dw either way."""
+    x, w, g = random((6, 4, 6, 3), np.float64), random((2, 3, 3, 3), np.float64, 1), random((6, 4, 6, 2), np.float64, 2)
+    small = 16 * 6 * 5 * 8  # bytes of one image's V + M: one chunk per image
+    y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=small)
+    dx, dw = winograd.conv3x3_backward(g, saved, x.shape, w, chunk_bytes=small)
+    monkeypatch.setattr(winograd, "_blas_controller", False)  # as if threadpoolctl were missing
+    assert winograd._thread_count() == 1
+    y1, saved1 = winograd.conv3x3_forward(x, w, chunk_bytes=small)
+    dx1, dw1 = winograd.conv3x3_backward(g, saved1, x.shape, w, chunk_bytes=small)
+    for name, a, b in (("y", y, y1), ("dx", dx, dx1), ("dw", dw, dw1)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_blas_thread_count_is_restored():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+    x, w = random((4, 8, 8, 8), np.float32), random((8, 3, 3, 8), np.float32, 1)
+    y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
+    winograd.conv3x3_backward(y, saved, x.shape, w, chunk_bytes=1)
+    after = [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+    assert after == before
+
+
+def test_chunks_cover_the_batch_and_feed_every_thread():
+    for n, threads in ((1, 2), (5, 2), (128, 2), (7, 3)):
+        chunks = winograd._chunks(n, 8, 8, 64, 4, 1 << 30, threads)
+        assert [s for s, _, _ in chunks] == sorted(s for s, _, _ in chunks) and chunks[0][0] == 0
+        assert all(e == s2 for (_, e, _), (s2, _, _) in zip(chunks, chunks[1:])) and chunks[-1][1] == n
+        assert len(chunks) >= min(n, threads), f"{n} images, {threads} threads: {len(chunks)} chunks"
+        assert all(tiles == (e - s) * 16 for s, e, tiles in chunks)
+
+
 def test_float32_stays_float32():
     x, w = random((1, 4, 4, 3), np.float32), random((2, 3, 3, 3), np.float32, 1)
     y, saved = winograd.conv3x3_forward(x, w)
