@@ -17,7 +17,7 @@ import time
 import numba
 import numpy as np
 
-from nanoq4 import kernels, ops
+from nanoq4 import blas, kernels, ops
 from nanoq4.tensor import Tensor
 
 # (name, spatial size H = W, Cin, Cout): 3->64, 64->64 | pool | 64->128, 128->128 | pool | 128->256, 256->256
@@ -80,15 +80,10 @@ def bench_layer(batch, size, cin, cout, repeats, rng):
 def thread_info():
     lines = [f"numba: {numba.get_num_threads()} threads, threading layer "
              f"{numba.threading_layer()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"]
-    try:
-        from threadpoolctl import threadpool_info
-        for pool in threadpool_info():
-            lines.append(f"{pool['user_api']}: {pool['internal_api']} {pool.get('version')}, "
-                         f"{pool['num_threads']} threads ({os.path.basename(pool['filepath'])})")
-    except ImportError:
-        config = np.show_config(mode="dicts")
-        blas = config.get("Build Dependencies", {}).get("blas", {})
-        lines.append(f"BLAS: {blas.get('name')} {blas.get('version')} (threadpoolctl not installed)")
+    config = np.show_config(mode="dicts")
+    blas_info = config.get("Build Dependencies", {}).get("blas", {})
+    lines.append(f"BLAS: {blas_info.get('name')} {blas_info.get('version')}, "
+                 f"{blas.get_threads() or 'unknown'} threads")
     lines.append(f"cpus: {os.cpu_count()}, numpy {np.__version__}, numba {numba.__version__}")
     return lines
 

@@ -7,6 +7,13 @@ is the image batch). The last columns are the largest |difference| between the t
 relative to the largest |value| of the im2col result, for y, dx and dw.
 
     python benchmarks/bench_winograd.py --batch 128 --repeats 7
+    OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/bench_winograd.py   # work ratio
+
+The machine's other load changes the picture, so the environment (threads, load average,
+OPENBLAS_THREAD_TIMEOUT) is printed under the table. OpenBLAS's idle worker threads spin for
+~0.1 s after every multi-threaded call unless OPENBLAS_THREAD_TIMEOUT (read when NumPy loads
+OpenBLAS) is small; that stolen core slows every Numba kernel that follows a GEMM, in both paths.
+The single-threaded run measures the arithmetic alone and is the most repeatable.
 """
 import argparse
 import os
@@ -15,7 +22,7 @@ import time
 import numba
 import numpy as np
 
-from nanoq4 import ops, winograd
+from nanoq4 import blas, ops, winograd
 from nanoq4.tensor import Tensor
 
 # (name, spatial size H = W, Cin, Cout), as in benchmarks/bench_ops.py
@@ -82,11 +89,8 @@ def environment():
              f"numpy {np.__version__}; cpus {os.cpu_count()}; OMP_WAIT_POLICY="
              f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, OPENBLAS_THREAD_TIMEOUT="
              f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}"]
-    try:
-        from threadpoolctl import threadpool_info
-        lines += [f"{p['internal_api']} {p.get('version')}: {p['num_threads']} threads" for p in threadpool_info()]
-    except ImportError:
-        pass
+    lines.append(f"BLAS threads: {blas.get_threads() or 'unknown'} "
+                 f"(per-chunk workers: {'yes' if blas.available() else 'no, BLAS not settable'})")
     if hasattr(os, "getloadavg"):
         lines.append("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     return lines
@@ -106,8 +110,9 @@ def main():
 
     print(f"3x3 conv, stride 1, pad 1, NHWC float32, batch {args.batch}; ms = median of {args.repeats} "
           f"interleaved runs; speedup = im2col / winograd")
-    header = (f"{'layer':<6}{'shape':>15} |{'fwd im2col':>11}{'wino':>8}{'x':>6} |{'bwd im2col':>11}{'wino':>8}"
-              f"{'x':>6} |{'total im2col':>13}{'wino':>8}{'x':>6} |{'err y':>9}{'err dx':>9}{'err dw':>9}")
+    header = (f"{'layer':<6}{'shape':>15} |{'fwd im2col':>11}{'wino':>8}{'x':>6} |{'bwd im2col':>11}"
+              f"{'wino':>8}{'x':>6} |{'total im2col':>13}{'wino':>8}{'x':>6} |"
+              f"{'err y':>9}{'err dx':>9}{'err dw':>9}")
     print(header)
     print("-" * len(header))
     sums = dict(im2col_fwd=0.0, wino_fwd=0.0, im2col_bwd=0.0, wino_bwd=0.0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import data, export, models, nn, ops, optim, quant
+from . import blas, data, export, models, nn, ops, optim, quant
 from .errors import NanoQ4Error
 from .tensor import Tensor, no_grad
 
@@ -58,7 +58,7 @@ class TrainConfig:
     download: bool = True               # fetch CIFAR if missing
     out: str = None                     # run folder; None: runs/<time>-<dataset>-<model>
     resume: str = None                  # checkpoint to continue from
-    threads: int = None                 # Numba (and BLAS, when threadpoolctl is installed) threads
+    threads: int = None                 # Numba and BLAS threads (None: all cores)
     progress: bool = True               # per-epoch progress bar
     max_steps_per_epoch: int = None     # for smoke tests: cut each epoch short
 
@@ -189,11 +189,7 @@ def set_threads(threads):
     if not threads:
         return
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        import threadpoolctl
-        threadpoolctl.threadpool_limits(threads)
-    except ImportError:
-        pass
+    blas.set_threads(threads)
 
 
 def _default_out(cfg):

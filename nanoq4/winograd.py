@@ -33,9 +33,9 @@ until the layer is done. Running each chunk on all threads instead -- parallel k
 multi-threaded BLAS on each of the 16 small GEMMs -- meets at a barrier thousands of times per
 layer; on two cores shared with other processes each barrier waits for a descheduled thread,
 and that version measured up to 10x slower than im2col under load. So BLAS is held to one
-thread (threadpoolctl) while the workers run, and each worker sets its own Numba thread count
-to 1. Without threadpoolctl the chunks run one after another on the calling thread, with
-parallel kernels and multi-threaded BLAS.
+thread (blas.limit) while the workers run, and each worker sets its own Numba thread count
+to 1. Where the BLAS thread count cannot be changed (blas.available() is False) the chunks run
+one after another on the calling thread, with parallel kernels and multi-threaded BLAS.
 
 Transform kernels loop over tiles (`prange`: parallel when called from the main thread, serial
 in a worker) with the channel loop innermost, contiguous in both NHWC and the (16, T, C)
@@ -48,10 +48,13 @@ the explicit matrices B^T, G, A^T below.
 """
 import collections
 import concurrent.futures
+import os
 
 import numba
 import numpy as np
 from numba import njit, prange
+
+from . import blas
 
 # The transform matrices of F(2x2, 3x3); the kernels below hard-code their products.
 BT = np.array([[1, 0, -1, 0],
@@ -65,7 +68,9 @@ G = np.array([[1, 0, 0],
 AT = np.array([[1, 1, 1, 0],
                [0, 1, -1, -1]], dtype=np.float64)
 
-CHUNK_BYTES = 8 << 20  # V + M of one chunk of images: cache-sized (L3 is 32 MiB), as in ops.Conv2d
+# V + M of one chunk of images. Two chunks are live at once (one per thread) next to whatever
+# else shares the L3; of 2, 4 and 8 MiB, 2 MiB measured fastest on the VGG shapes.
+CHUNK_BYTES = 2 << 20
 
 
 def tile_grid(h, w):
@@ -401,8 +406,8 @@ def _float_dtype(*arrays):
 
 def _check_shapes(x_shape, w_shape):
     if len(x_shape) != 4 or len(w_shape) != 4 or tuple(w_shape[1:3]) != (3, 3):
-        raise ValueError(f"conv3x3: expected x (N, H, W, Cin) and w (Cout, 3, 3, Cin), got x {tuple(x_shape)}, "
-                         f"w {tuple(w_shape)}")
+        raise ValueError(f"conv3x3: expected x (N, H, W, Cin) and w (Cout, 3, 3, Cin), "
+                         f"got x {tuple(x_shape)}, w {tuple(w_shape)}")
     if x_shape[3] != w_shape[3]:
         raise ValueError(f"conv3x3: input has {x_shape[3]} channels, weight expects {w_shape[3]}")
 
@@ -423,23 +428,15 @@ def _buffer(flat, tiles, channels):
     return flat[:16 * tiles * channels].reshape(16, tiles, channels)
 
 
-_blas_controller = None  # threadpoolctl.ThreadpoolController, False if threadpoolctl is missing
-_executors = {}  # thread count -> ThreadPoolExecutor, created on first use
+_executors = {}  # (process id, thread count) -> ThreadPoolExecutor; a forked child makes its own
 
 
 def _thread_count():
     """Worker threads for the chunks: Numba's thread count, when BLAS can be held to one thread
-    per call (threadpoolctl) and Numba's threading layer accepts kernel launches from several
+    per call (blas.available()) and Numba's threading layer accepts kernel launches from several
     threads at once (omp, tbb; not workqueue). Otherwise 1: the chunks then run one after another
     on the calling thread, with parallel kernels and multi-threaded BLAS."""
-    global _blas_controller
-    if _blas_controller is None:
-        try:
-            import threadpoolctl
-            _blas_controller = threadpoolctl.ThreadpoolController()
-        except ImportError:
-            _blas_controller = False
-    if not _blas_controller or numba.get_num_threads() == 1:
+    if not blas.available() or numba.get_num_threads() == 1:
         return 1
     try:
         layer = numba.threading_layer()
@@ -467,11 +464,12 @@ def _run_on_threads(chunks, threads, worker):
     threads = min(threads, len(chunks))
     if threads == 1:
         return [worker(take())]
-    if threads not in _executors:
-        _executors[threads] = concurrent.futures.ThreadPoolExecutor(
+    key = (os.getpid(), threads)
+    if key not in _executors:
+        _executors[key] = concurrent.futures.ThreadPoolExecutor(
             threads, thread_name_prefix="winograd", initializer=_single_threaded_worker)
-    with _blas_controller.limit(limits=1, user_api="blas"):
-        futures = [_executors[threads].submit(worker, take()) for _ in range(threads)]
+    with blas.limit(1):
+        futures = [_executors[key].submit(worker, take()) for _ in range(threads)]
         concurrent.futures.wait(futures)
     return [f.result() for f in futures]
 
@@ -514,8 +512,11 @@ def conv3x3_backward(grad_y, saved, x_shape, w, need_x=True, need_w=True, chunk_
     dV = dM @ U, summed back into dx by the adjoint input transform. Each thread accumulates
     its own dU; dw = G^T (sum of those) G at the end.
     """
+    if not (need_x or need_w):
+        return None, None
     if need_w and saved is None:
-        raise ValueError("conv3x3_backward: dw needs the input saved by conv3x3_forward(keep_for_backward=True)")
+        raise ValueError("conv3x3_backward: dw needs the input saved by "
+                         "conv3x3_forward(keep_for_backward=True)")
     _check_shapes(x_shape, w.shape)
     n, h, wd, cin = x_shape
     cout = w.shape[0]
@@ -528,6 +529,9 @@ def conv3x3_backward(grad_y, saved, x_shape, w, need_x=True, need_w=True, chunk_
     u = weight_transform(w) if need_x else None  # (16, Cout, Cin)
     dx = np.empty(x_shape, dtype=dtype) if need_x else None
     threads = _thread_count()
+    # Each chunk adds a (16, Cout, Cin) partial dU into its thread's sum: keep chunks at least
+    # twice that size, or the sums cost more memory traffic than the chunk (8x8, 256 channels).
+    chunk_bytes = max(chunk_bytes, 2 * 16 * cin * cout * grad_y.itemsize) if need_w else chunk_bytes
     chunks = _chunks(n, h, wd, cin + cout, grad_y.itemsize, chunk_bytes, threads)
     max_tiles = max(tiles for _, _, tiles in chunks)
 

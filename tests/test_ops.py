@@ -245,6 +245,71 @@ def test_conv2d_weight_gradient_when_input_is_constant():
     assert x.grad is None
 
 
+# ---- Winograd route: 3x3 / stride 1 / padding 1 with Cin >= ops.WINOGRAD_MIN_CIN
+
+WINOGRAD_CASES = [
+    (2, 6, 6, 64, 5, 3, 1, 1, True),   # the routing threshold itself, bias
+    (1, 5, 7, 64, 3, 3, 1, 1, False),  # odd H and W: half-outside tiles
+    (3, 4, 4, 70, 2, 3, 1, 1, True),   # Cin above the threshold, several images
+]
+
+
+def test_conv2d_routes_only_wide_3x3_same_convolutions():
+    assert ops.WINOGRAD_MIN_CIN == 64
+    assert ops.uses_winograd((8, 3, 3, 64), 1, 1)
+    assert not ops.uses_winograd((8, 3, 3, 63), 1, 1)   # narrow input (VGG's first layer): im2col
+    assert not ops.uses_winograd((8, 3, 3, 64), 2, 1)   # stride 2
+    assert not ops.uses_winograd((8, 3, 3, 64), 1, 0)   # no padding
+    assert not ops.uses_winograd((8, 5, 5, 64), 1, 2)   # 5x5
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=str)
+def test_conv2d_winograd_route_matches_direct_loops(monkeypatch, case):
+    called = []
+    forward = ops.winograd.conv3x3_forward
+    monkeypatch.setattr(ops.winograd, "conv3x3_forward", lambda *a, **k: called.append(1) or forward(*a, **k))
+    x, w, b, stride, pad = conv_inputs(case)
+    out = ops.conv2d(x, w, b, stride, pad).data
+    assert called, "this case must take the Winograd route"
+    expected = conv2d_reference(x.data, w.data, None if b is None else b.data, stride, pad)
+    np.testing.assert_allclose(out, expected, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=str)
+def test_conv2d_winograd_route_gradients(case):
+    x, w, b, stride, pad = conv_inputs(case)
+    inputs = [x, w] + ([b] if b is not None else [])
+    check_gradients(lambda x, w, b=None: ops.conv2d(x, w, b, stride, pad), inputs,
+                    names=["input", "weight", "bias"])
+
+
+def test_conv2d_winograd_route_weight_gradient_when_input_is_constant():
+    x, w, b, stride, pad = conv_inputs(WINOGRAD_CASES[0])
+    x.requires_grad = False
+    check_gradients(lambda w, b: ops.conv2d(x, w, b, stride, pad), [w, b])
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES[:2], ids=str)
+def test_conv2d_winograd_route_equals_im2col_route_in_float32(monkeypatch, case):
+    x, w, b, stride, pad = conv_inputs(case)
+    x32, w32 = (Tensor(t.data.astype(np.float32), requires_grad=True) for t in (x, w))
+    grad = np.random.default_rng(5).standard_normal(x.shape[:3] + (w.shape[0],)).astype(np.float32)
+
+    def run():
+        xt, wt = (Tensor(t.data, requires_grad=True) for t in (x32, w32))
+        out = ops.conv2d(xt, wt, None, stride, pad)
+        (out * Tensor(grad)).sum().backward()
+        return out.data, xt.grad, wt.grad
+
+    winograd_results = run()
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_CIN", None)
+    im2col_results = run()
+    for a, e in zip(winograd_results, im2col_results):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, e, atol=2e-5 * np.abs(e).max())
+
+
 def test_conv2d_rejects_channel_mismatch():
     with pytest.raises(ValueError, match="channels"):
         ops.conv2d(leaf((1, 4, 4, 3)), leaf((2, 3, 3, 2)))

@@ -2,6 +2,9 @@
 plain-NumPy twin, each twin against the definition of its adjoint, the convolution against the
 direct tap-by-tap reference (itself checked against im2col), and a float64 central-difference
 gradient check. Run with NUMBA_DISABLE_JIT=1 to execute the kernels as Python."""
+import threading
+
+import numba
 import numpy as np
 import pytest
 
@@ -42,6 +45,12 @@ def assert_close_to_scale(actual, expected, dtype, what):
     error = float(np.abs(actual.astype(np.float64) - expected).max()) / scale
     tolerance = 1e-4 if dtype == np.float32 else 1e-10
     assert error <= tolerance, f"{what}: max error {error:.3g} of the output scale > {tolerance}"
+
+
+def operands(n, h, w, cin, cout, dtype=np.float64):
+    """x (N, H, W, Cin), w (Cout, 3, 3, Cin) and an output gradient (N, H, W, Cout)."""
+    return (random((n, h, w, cin), dtype), random((cout, 3, 3, cin), dtype, seed=1),
+            random((n, h, w, cout), dtype, seed=2))
 
 
 def tiles(n, h, w):
@@ -91,8 +100,8 @@ def test_weight_transforms_match_reference(cin, cout, dtype):
     w = random((cout, 3, 3, cin), dtype, seed=4)
     assert_close_to_scale(winograd.weight_transform(w), winograd.weight_transform_reference(w), dtype, "U")
     du = random((16, cout, cin), dtype, seed=5)
-    assert_close_to_scale(winograd.weight_transform_adjoint(du), winograd.weight_transform_adjoint_reference(du),
-                          dtype, "dw")
+    dw = winograd.weight_transform_adjoint(du)
+    assert_close_to_scale(dw, winograd.weight_transform_adjoint_reference(du), dtype, "dw")
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 2, 1), (2, 5, 7, 3), (1, 8, 6, 4)], ids=str)
@@ -117,7 +126,8 @@ def test_transforms_of_one_tile_are_the_textbook_matrices():
     v = winograd.input_transform(x)[:, 0, 0].reshape(4, 4)
     np.testing.assert_allclose(v, winograd.BT @ d @ winograd.BT.T)
     g = np.arange(9.0).reshape(1, 3, 3, 1)
-    np.testing.assert_allclose(winograd.weight_transform(g)[:, 0, 0].reshape(4, 4), winograd.G @ g[0, :, :, 0] @ winograd.G.T)
+    u = winograd.weight_transform(g)[:, 0, 0].reshape(4, 4)
+    np.testing.assert_allclose(u, winograd.G @ g[0, :, :, 0] @ winograd.G.T)
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -144,7 +154,7 @@ def test_forward_matches_reference(case, dtype):
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_backward_matches_reference(case, dtype):
     n, h, w, cin, cout = case
-    x, wt, g = random((n, h, w, cin), dtype), random((cout, 3, 3, cin), dtype, 1), random((n, h, w, cout), dtype, 2)
+    x, wt, g = operands(n, h, w, cin, cout, dtype)
     _, saved = winograd.conv3x3_forward(x, wt)
     dx, dw = winograd.conv3x3_backward(g, saved, x.shape, wt)
     dx_ref, dw_ref = winograd.conv3x3_backward_reference(g, x, wt)
@@ -153,7 +163,7 @@ def test_backward_matches_reference(case, dtype):
 
 
 def test_backward_reference_matches_im2col_conv():
-    x, w, g = random((2, 5, 6, 3), np.float64), random((4, 3, 3, 3), np.float64, 1), random((2, 5, 6, 4), np.float64, 2)
+    x, w, g = operands(2, 5, 6, 3, 4)
     xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
     ops.conv2d(xt, wt, None, stride=1, padding=1).backward(g)
     dx, dw = winograd.conv3x3_backward_reference(g, x, w)
@@ -182,7 +192,7 @@ def test_gradients_match_central_differences():
 
 
 def test_backward_skips_unneeded_gradients():
-    x, w, g = random((2, 4, 4, 3), np.float32), random((5, 3, 3, 3), np.float32, 1), random((2, 4, 4, 5), np.float32, 2)
+    x, w, g = operands(2, 4, 4, 3, 5, np.float32)
     _, saved = winograd.conv3x3_forward(x, w)
     dx_ref, dw_ref = winograd.conv3x3_backward_reference(g, x, w)
     dx, dw = winograd.conv3x3_backward(g, saved, x.shape, w, need_w=False)
@@ -195,10 +205,11 @@ def test_backward_skips_unneeded_gradients():
     assert_close_to_scale(dx, dx_ref, np.float32, "dx without saved input")
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 16 * 4 * 8 * 3, 1 << 30], ids=["one image", "two images", "one chunk"])
+@pytest.mark.parametrize("chunk_bytes", [1, 16 * 4 * 3 * 8 * 2, 1 << 30],
+                         ids=["one image", "two images", "one chunk"])
 def test_result_does_not_depend_on_the_chunking(chunk_bytes):
     """Chunks of images (including a short last chunk) give the same y, dx and dw as one chunk."""
-    x, w, g = random((5, 4, 4, 2), np.float64), random((1, 3, 3, 2), np.float64, 1), random((5, 4, 4, 1), np.float64, 2)
+    x, w, g = operands(5, 4, 4, 2, 1)
     y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=chunk_bytes)
     dx, dw = winograd.conv3x3_backward(g, saved, x.shape, w, chunk_bytes=chunk_bytes)
     dx_ref, dw_ref = winograd.conv3x3_backward_reference(g, x, w)
@@ -210,11 +221,11 @@ def test_result_does_not_depend_on_the_chunking(chunk_bytes):
 def test_threaded_and_sequential_chunks_agree(monkeypatch):
     """The chunks run on several threads when BLAS can be held to one thread per call, else one
     after another on the caller's thread: same y, dx and dw either way."""
-    x, w, g = random((6, 4, 6, 3), np.float64), random((2, 3, 3, 3), np.float64, 1), random((6, 4, 6, 2), np.float64, 2)
+    x, w, g = operands(6, 4, 6, 3, 2)
     small = 16 * 6 * 5 * 8  # bytes of one image's V + M: one chunk per image
     y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=small)
     dx, dw = winograd.conv3x3_backward(g, saved, x.shape, w, chunk_bytes=small)
-    monkeypatch.setattr(winograd, "_blas_controller", False)  # as if threadpoolctl were missing
+    monkeypatch.setattr(winograd.blas, "available", lambda: False)  # as if BLAS were not OpenBLAS
     assert winograd._thread_count() == 1
     y1, saved1 = winograd.conv3x3_forward(x, w, chunk_bytes=small)
     dx1, dw1 = winograd.conv3x3_backward(g, saved1, x.shape, w, chunk_bytes=small)
@@ -222,14 +233,32 @@ def test_threaded_and_sequential_chunks_agree(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
-def test_blas_thread_count_is_restored():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    before = [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+def test_chunks_run_on_worker_threads_when_possible():
+    if not winograd.blas.available():
+        pytest.skip("NumPy's BLAS thread count cannot be changed here (not OpenBLAS on Linux)")
+    if numba.config.DISABLE_JIT or numba.get_num_threads() < 2:
+        pytest.skip("needs compiled kernels and at least 2 Numba threads")
+    x, w = random((4, 8, 8, 8), np.float32), random((8, 3, 3, 8), np.float32, 1)
+    winograd.conv3x3_forward(x, w, chunk_bytes=1)
+    assert winograd._thread_count() == numba.get_num_threads()
+    assert any(t.name.startswith("winograd") for t in threading.enumerate()), "no worker thread was started"
+
+
+def test_blas_is_held_to_one_thread_inside_the_workers_and_restored_after(monkeypatch):
+    if not winograd.blas.available():
+        pytest.skip("NumPy's BLAS thread count cannot be changed here (not OpenBLAS on Linux)")
+    if numba.config.DISABLE_JIT or numba.get_num_threads() < 2:
+        pytest.skip("needs compiled kernels and at least 2 Numba threads")
+    seen = []
+    transform = winograd.output_transform
+    monkeypatch.setattr(winograd, "output_transform",
+                        lambda m, out: seen.append(winograd.blas.get_threads()) or transform(m, out))
+    before = winograd.blas.get_threads()
     x, w = random((4, 8, 8, 8), np.float32), random((8, 3, 3, 8), np.float32, 1)
     y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
     winograd.conv3x3_backward(y, saved, x.shape, w, chunk_bytes=1)
-    after = [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
-    assert after == before
+    assert seen and set(seen) == {1}
+    assert winograd.blas.get_threads() == before
 
 
 def test_chunks_cover_the_batch_and_feed_every_thread():
