@@ -77,6 +77,7 @@ def bench_nanoq4(batch, steps):
     x = rng.standard_normal((batch, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 10, batch)
     parts = {"forward": [], "backward": [], "optimizer": []}
+    optimizer_parts = {"optimizer: clip grad norm": [], "optimizer: AdamW + tanh clip": []}
 
     def step(record):
         t0 = time.perf_counter()
@@ -86,12 +87,15 @@ def bench_nanoq4(batch, steps):
         loss.backward()
         t2 = time.perf_counter()
         optim.clip_grad_norm(opt.parameters(), 0.5)
+        t_clip = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
         if record:
             parts["forward"].append(t1 - t0)
             parts["backward"].append(t2 - t1)
             parts["optimizer"].append(t3 - t2)
+            optimizer_parts["optimizer: clip grad norm"].append(t_clip - t2)
+            optimizer_parts["optimizer: AdamW + tanh clip"].append(t3 - t_clip)
 
     start = time.perf_counter()
     step(False)  # compiles (or loads from cache) every Numba kernel on the path
@@ -103,6 +107,7 @@ def bench_nanoq4(batch, steps):
         step(True)
     tensor.PROFILE = False
     table = {k: v / steps for k, v in tensor.op_times.items()}
+    table.update({k: float(np.median(v)) for k, v in optimizer_parts.items()})
     totals = [sum(t) for t in zip(*parts.values())]
     train_rss = peak_rss_mb()
 
@@ -120,6 +125,33 @@ def bench_nanoq4(batch, steps):
         file_eval_s = median_time(lambda: loaded.logits(xe, batch_size=1000), 3)
     return dict(step=float(np.median(totals)), parts={k: float(np.median(v)) for k, v in parts.items()},
                 first_step=first, table=table, train_rss=train_rss, eval_s=eval_s, file_eval_s=file_eval_s)
+
+
+def conv_layer_table(batch, repeats=3):
+    """Forward and backward of each VGG4bit convolution alone, with the route conv2d takes
+    (im2col + GEMM, or Winograd F(2x2, 3x3)) and that layer's im2col-equivalent GFLOP/s."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, (h, cin, cout) in enumerate(VGG_CONVS, 1):
+        x = Tensor(rng.standard_normal((batch, h, h, cin), dtype=np.float32), requires_grad=cin > 3)
+        w = Tensor(rng.standard_normal((cout, 3, 3, cin), dtype=np.float32) * np.float32(0.05),
+                   requires_grad=True)
+        grad = rng.standard_normal((batch, h, h, cout), dtype=np.float32)
+        ops.conv2d(x, w, None, 1, 1)
+
+        def fwd():
+            return ops.conv2d(x, w, None, 1, 1)
+
+        def fwd_bwd():
+            x.grad = w.grad = None
+            fwd().backward(grad)
+
+        f = median_time(fwd, repeats)
+        fb = median_time(fwd_bwd, repeats)
+        route = "winograd" if ops.uses_winograd(w.shape, 1, 1) else "im2col+GEMM"
+        flop = 2 * batch * h * h * cout * 9 * cin * (3 if cin > 3 else 2)
+        rows.append((f"conv{i} {h}x{h} {cin}->{cout}", route, f * 1e3, (fb - f) * 1e3, flop / fb / 1e9))
+    return rows
 
 
 def bench_torch(batch, steps):
@@ -211,6 +243,11 @@ def main():
         print(f"{'data: augmented batch':<28}{data_ms:>9.1f}{data_ms / 1e3 / r['step']:>8.1%}  (of a step)")
     except ImportError:
         pass
+    print(f"\n{'convolution alone':<24}{'route':<13}{'fwd ms':>8}{'bwd ms':>8}{'GFLOP/s*':>10}")
+    for name, route, f_ms, b_ms, rate in conv_layer_table(b):
+        print(f"{name:<24}{route:<13}{f_ms:>8.1f}{b_ms:>8.1f}{rate:>10.0f}")
+    print("  * im2col-equivalent FLOPs (9 Cin Cout per output pixel) / measured time; Winograd does"
+          " 2.25x fewer multiplications, so it can exceed the GEMM rate")
     print(f"\npeak RSS while training: {r['train_rss']:.0f} MB")
     print(f"eval, batch 1000, no gradients: {1000 / r['eval_s']:.0f} images/s (training model), "
           f"{1000 / r['file_eval_s']:.0f} images/s (model loaded from the int4 file)")

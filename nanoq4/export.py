@@ -3,8 +3,9 @@
 Model file (.nq4), little-endian:
 
     8 bytes   magic b"NANOQ4\\x00M"
-    u32       format version (1)
+    u32       format version (2; version 1 files, without the header CRC, are still read)
     u32       header length H
+    u32       CRC-32 of the H header bytes (a flipped digit in a scale must not go unnoticed)
     H bytes   JSON header: architecture (model, num_classes, bits, per_channel, quantized),
               class names, input normalization, and for each tensor its dtype, shape and the
               byte offset/length of its data in the payload; plus the payload's CRC-32
@@ -33,16 +34,21 @@ from .models import build_model, quantized_layers
 from .tensor import no_grad
 
 MAGIC = b"NANOQ4\x00M"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CHECKPOINT_FORMAT = "nanoq4-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
 def atomic_write_bytes(path, chunks):
-    """Write an iterable of bytes-like chunks to `path` via a temporary file and a rename."""
+    """Write an iterable of bytes-like chunks to `path` via a temporary file and a rename.
+    A folder that cannot be written (missing permission, full disk) is a one-line NanoQ4Error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise NanoQ4Error(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
@@ -53,9 +59,12 @@ def atomic_write_bytes(path, chunks):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise NanoQ4Error(f"cannot write {path}: {e.strerror or e}; choose a writable folder "
+                              f"with free space") from None
         raise
 
 
@@ -95,8 +104,8 @@ def export_model(model, path, arch, class_names, mean, std, input_size=32):
         "payload_crc32": zlib.crc32(payload),
     }
     header_bytes = json.dumps(header).encode()
-    atomic_write_bytes(path, [MAGIC, struct.pack("<II", FORMAT_VERSION, len(header_bytes)), header_bytes,
-                              payload])
+    prefix = MAGIC + struct.pack("<III", FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes))
+    atomic_write_bytes(path, [prefix, header_bytes, payload])
     return os.path.getsize(path)
 
 
@@ -138,14 +147,18 @@ def _read_model_file(path):
         raise NanoQ4Error(f"{path} is not a nanoq4 model file (bad magic bytes); export one with "
                           f"python -m nanoq4.train or nanoq4.export.export_model")
     version, header_len = struct.unpack("<II", raw[8:16])
-    if version != FORMAT_VERSION:
-        raise NanoQ4Error(f"{path} has model format version {version}; this nanoq4 reads version "
-                          f"{FORMAT_VERSION} (upgrade nanoq4 or re-export the model)")
+    if version not in READABLE_VERSIONS:
+        raise NanoQ4Error(f"{path} has model format version {version}; this nanoq4 reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade nanoq4 or re-export the model)")
+    start = 16 if version == 1 else 20
+    header_bytes = raw[start:start + header_len]
+    if version >= 2 and (len(raw) < 20 or zlib.crc32(header_bytes) != struct.unpack("<I", raw[16:20])[0]):
+        raise NanoQ4Error(f"{path} is corrupt or truncated (header checksum mismatch); re-export the model")
     try:
-        header = json.loads(raw[16:16 + header_len].decode())
+        header = json.loads(header_bytes.decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise NanoQ4Error(f"{path} is corrupt or truncated (unreadable header); re-export the model") from None
-    payload = raw[16 + header_len:]
+    payload = raw[start + header_len:]
     if zlib.crc32(payload) != header.get("payload_crc32"):
         raise NanoQ4Error(f"{path} is corrupt or truncated (payload checksum mismatch); re-export the model")
     return header, payload

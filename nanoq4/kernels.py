@@ -117,8 +117,10 @@ def _max_pool_kernel(x, k, stride, oh, ow, out, argmax):
         b, i = row // oh, row % oh
         for j in range(ow):
             for ch in range(c):
-                best = -np.inf
-                best_idx = 0
+                # start from the window's first pixel, so a window of all -inf still points
+                # inside itself (as argmax does), not at pixel (0, 0) of the image
+                best = x[b, i * stride, j * stride, ch]
+                best_idx = i * stride * w + j * stride
                 for ki in range(k):
                     y = i * stride + ki
                     for kj in range(k):

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import ops, quant
 from .errors import NanoQ4Error
-from .tensor import Function, Tensor
+from .tensor import Function, Tensor, profiled
 
 _rng = np.random.default_rng(0)
 
@@ -173,7 +173,8 @@ class QuantizedWeight:
         self.codes = self.scale = None
 
     def quantized_weight(self):
-        w_q, self.codes, self.scale = quant.fake_quantize(self.weight.data, self.bits, self.per_channel)
+        with profiled("fake_quantize"):
+            w_q, self.codes, self.scale = quant.fake_quantize(self.weight.data, self.bits, self.per_channel)
         return STE.apply(self.weight, w_q)
 
     def quantized_codes(self):

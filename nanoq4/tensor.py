@@ -20,6 +20,20 @@ op_times = defaultdict(float)  # "Conv2d.forward" -> seconds, filled when PROFIL
 
 
 @contextlib.contextmanager
+def profiled(name):
+    """Add the block's time to op_times[name] when PROFILE is on: for work outside any Function
+    (fake quantization of the weights, for instance)."""
+    if not PROFILE:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        op_times[name] += time.perf_counter() - start
+
+
+@contextlib.contextmanager
 def no_grad():
     """Run without recording a graph (evaluation, optimizer updates)."""
     global _grad_enabled
@@ -47,6 +61,7 @@ class Tensor:
         self.grad = None
         self.requires_grad = requires_grad
         self._ctx = None
+        self._graph_freed = False  # set when backward() has consumed the Function that made this
 
     shape = property(lambda self: self.data.shape)
     dtype = property(lambda self: self.data.dtype)
@@ -82,10 +97,13 @@ class Tensor:
             if g is None:
                 continue
             ctx = node._ctx
+            if ctx is None and node._graph_freed:
+                raise RuntimeError("backward() through a graph that an earlier backward() already "
+                                   "freed; run the forward pass again")
             if ctx is None:  # a leaf: parameters and inputs keep their own gradient array
                 node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
-            node._ctx = None
+            node._ctx, node._graph_freed = None, True
             start = time.perf_counter() if PROFILE else 0.0
             parent_grads = ctx.backward(ctx, g)
             if PROFILE:

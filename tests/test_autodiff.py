@@ -211,6 +211,23 @@ def test_graph_is_freed_after_backward():
         assert t._ctx is None, f"{name} still holds its context after backward"
 
 
+def test_second_backward_through_a_freed_graph_raises():
+    x = leaf([1.0, 2.0])
+    out = (x * 2.0).sum()
+    out.backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        out.backward()
+    np.testing.assert_array_equal(x.grad, [2.0, 2.0])  # unchanged by the refused call
+
+
+def test_backward_through_a_freed_intermediate_raises():
+    x = leaf([1.0, 2.0])
+    h = ops.relu(x * 3.0)
+    h.sum().backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        (h * 2.0).sum().backward()  # h's own backward is gone: x would silently get nothing
+
+
 def test_backward_on_non_scalar_without_gradient_raises():
     y = leaf([1.0, 2.0]) * 2.0
     with pytest.raises(RuntimeError, match="scalar"):

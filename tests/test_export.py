@@ -46,8 +46,9 @@ def read_layout(path):
     """(header dict, payload bytes) parsed by hand from the documented layout."""
     raw = path.read_bytes()
     version, header_len = struct.unpack("<II", raw[8:16])
-    header = json.loads(raw[16:16 + header_len])
-    return raw[:8], version, header, raw[16 + header_len:]
+    start = 16 if version == 1 else 20  # version 2 adds the header's CRC-32 after its length
+    header = json.loads(raw[start:start + header_len])
+    return raw[:8], version, header, raw[start + header_len:]
 
 
 def eval_logits(model, x):
@@ -126,7 +127,10 @@ def test_file_holds_no_latent_float_weights(resnet_file):
 def test_file_starts_with_magic_and_version_and_checksums_its_payload(resnet_file):
     _, path = resnet_file
     magic, version, header, payload = read_layout(path)
-    assert magic == b"NANOQ4\x00M" and version == 1
+    assert magic == b"NANOQ4\x00M" and version == 2
+    raw = path.read_bytes()
+    header_len, header_crc = struct.unpack("<II", raw[12:20])
+    assert header_crc == zlib.crc32(raw[20:20 + header_len])
     assert header["payload_crc32"] == zlib.crc32(payload)
     assert header["layout"] == "NHWC"
     assert header["class_names"] == CLASSES10
@@ -211,7 +215,18 @@ def flip_payload_byte(raw):
 
 
 def future_version(raw):
-    return raw[:8] + struct.pack("<I", 2) + raw[12:]
+    return raw[:8] + struct.pack("<I", 3) + raw[12:]
+
+
+def flip_header_digit(raw):
+    """A self-consistent JSON header with one digit changed (a tensor's byte offset, say):
+    still parses, so only the header checksum can catch it."""
+    header_len = struct.unpack("<I", raw[12:16])[0]
+    header = raw[20:20 + header_len]
+    i = header.index(b'"nbytes": ') + len(b'"nbytes": ')
+    digit = header[i:i + 1]
+    flipped = header[:i] + (b"9" if digit != b"9" else b"8") + header[i + 1:]
+    return raw[:20] + flipped + raw[20 + header_len:]
 
 
 REFUSALS = {
@@ -219,7 +234,8 @@ REFUSALS = {
     "truncated payload": (truncate_tail, "corrupt or truncated"),
     "truncated header": (truncate_into_header, "corrupt or truncated"),
     "flipped payload byte": (flip_payload_byte, "checksum"),
-    "wrong format version": (future_version, "version 2"),
+    "wrong format version": (future_version, "version 3"),
+    "flipped header digit": (flip_header_digit, "header checksum"),
 }
 
 
@@ -295,7 +311,7 @@ def chunks_failing_after_first():
 
 def test_failed_write_leaves_no_file_and_no_temporary(tmp_path):
     target = tmp_path / "out.nq4"
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(NanoQ4Error, match="simulated"):
         export.atomic_write_bytes(target, chunks_failing_after_first())
     assert list(tmp_path.iterdir()) == []
 
@@ -303,7 +319,7 @@ def test_failed_write_leaves_no_file_and_no_temporary(tmp_path):
 def test_failed_overwrite_keeps_the_previous_file(tmp_path):
     target = tmp_path / "out.nq4"
     target.write_bytes(b"previous version")
-    with pytest.raises(OSError):
+    with pytest.raises(NanoQ4Error):
         export.atomic_write_bytes(target, chunks_failing_after_first())
     assert target.read_bytes() == b"previous version"
     assert list(tmp_path.iterdir()) == [target]
@@ -314,9 +330,28 @@ def test_export_failing_mid_write_leaves_nothing_behind(tmp_path, monkeypatch):
         raise OSError("fsync failed (simulated)")
     monkeypatch.setattr(export.os, "fsync", failing_fsync)
     model, arch = model_with_running_stats()
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(NanoQ4Error, match="simulated"):
         export_to(tmp_path, model, arch)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folder_is_a_one_line_error_naming_the_file(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_bytes(b"")  # a file where the folder should be: fails even when running as root
+    target = blocker / "model.nq4"
+    with pytest.raises(NanoQ4Error) as info:
+        export.atomic_write_bytes(target, [b"x"])
+    assert str(target) in str(info.value) and "writable" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_version_1_files_without_header_checksum_still_load(resnet_file, tmp_path):
+    model, good = resnet_file
+    _, _, header, payload = read_layout(good)
+    body = json.dumps(header).encode()
+    old = tmp_path / "v1.nq4"
+    old.write_bytes(b"NANOQ4\x00M" + struct.pack("<II", 1, len(body)) + body + payload)
+    x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(export.load_model(old).logits(x), export.load_model(good).logits(x))
 
 
 def test_successful_write_leaves_only_the_target_with_the_usual_permissions(tmp_path):

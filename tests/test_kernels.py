@@ -115,6 +115,17 @@ def test_max_pool_ties_pick_the_first_maximum_like_the_reference(case):
     np.testing.assert_array_equal(argmax, ref_argmax)
 
 
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+def test_max_pool_windows_of_minus_infinity_point_inside_themselves(case):
+    n, h, w, c, k, stride = case
+    x = np.random.default_rng(6).standard_normal((n, h, w, c)).astype(np.float32)
+    x[np.random.default_rng(7).random(x.shape) < 0.7] = -np.inf  # many windows entirely -inf
+    out, argmax = kernels.max_pool(x, k, stride)
+    ref_out, ref_argmax = kernels.max_pool_reference(x, k, stride)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(argmax, ref_argmax)
+
+
 def test_max_pool_argmax_indexes_the_maximum():
     x = random((2, 7, 7, 3), np.float64, seed=5)
     out, argmax = kernels.max_pool(x, 3, 2)
