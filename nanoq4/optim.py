@@ -104,12 +104,13 @@ class AdamW(Optimizer):
         self.betas, self.eps = betas, eps
 
     def update(self, w, grad, state, weight_decay):
+        # State (m, v, t): t counts this parameter's own updates, so one that missed some steps
+        # (no gradient) is bias-corrected for the moments it really has, as in PyTorch.
         if state is None:
-            state = (np.zeros_like(w), np.zeros_like(w))
-        m, v = state
-        kernels.adamw_update(w, grad, m, v, self.lr, self.betas[0], self.betas[1], self.eps, weight_decay,
-                             self.step_count)
-        return state
+            state = (np.zeros_like(w), np.zeros_like(w), 0)
+        m, v, t = state if len(state) == 3 else (*state, self.step_count - 1)  # 2-tuples: older checkpoints
+        kernels.adamw_update(w, grad, m, v, self.lr, self.betas[0], self.betas[1], self.eps, weight_decay, t + 1)
+        return m, v, t + 1
 
 
 class TanhSoftClip:

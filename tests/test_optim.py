@@ -91,6 +91,35 @@ def test_adamw_without_decay_first_step_is_lr_times_sign():
     np.testing.assert_allclose(p.data, [3.0 - 0.01, -1.0 + 0.01, 0.5 - 0.01], rtol=1e-5)
 
 
+def test_adamw_bias_correction_counts_each_parameters_own_updates():
+    # q gets no gradient in step 1, so its first update (in step 2) is its first Adam step:
+    # bias-corrected with t = 1, i.e. lr * sign(g) exactly (t = 2 would move it 0.744 lr).
+    p, q = param([1.0]), param([3.0, -1.0])
+    opt = optim.AdamW([p, q], lr=0.01, weight_decay=0.0)
+    p.grad = np.array([1.0], dtype=np.float32)
+    opt.step()
+    p.grad, q.grad = np.array([1.0], dtype=np.float32), np.array([2.0, -0.5], dtype=np.float32)
+    opt.step()
+    np.testing.assert_allclose(q.data, [3.0 - 0.01, -1.0 + 0.01], rtol=1e-6)
+    assert opt.state[0][1][2] == 1 and opt.state[0][0][2] == 2
+
+
+def test_adamw_resumes_from_a_two_entry_state_of_older_checkpoints():
+    p, q = param(W0), param(W0)
+    old = optim.AdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    new = optim.AdamW([q], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for opt, t in ((old, p), (new, q)):
+        t.grad = np.array(G1, dtype=np.float32)
+        opt.step()
+    state = old.state_dict()
+    state["state"] = [[s[:2] for s in group] for group in state["state"]]  # as written before (m, v, t)
+    old.load_state_dict(state)
+    for opt, t in ((old, p), (new, q)):
+        t.grad = np.array(G2, dtype=np.float32)
+        opt.step()
+    np.testing.assert_array_equal(p.data, q.data)
+
+
 # ----------------------------------------------------------------------------- parameter groups
 
 def decay_model():
