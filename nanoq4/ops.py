@@ -167,7 +167,7 @@ class Conv2d(Function):
     The batch is processed in chunks of images whose im2col matrix fits in CONV_CHUNK_BYTES,
     so memory stays flat at any batch size (smaller chunks measured slower: BLAS wants tall
     GEMMs). Backward recomputes each chunk's patches (cheaper than keeping 300 MB of them) for
-    dW = dY^T @ cols and scatters dcols = dY @ W back with col2im, skipped when the input
+    dW^T = cols^T @ dY and scatters dcols = dY @ W back with col2im, skipped when the input
     needs no gradient (the image batch).
     """
 
