@@ -6,7 +6,9 @@ same run, and the ratio (conv time) / (GEMM time) says what im2col, col2im and t
 on top (target <= 1.25). Input 32x32x3 NHWC float32, 3x3 kernels, padding 1, with bias.
 GEMMs (M = N*OH*OW, K = 9*Cin): forward (M,K)@(K,Cout); backward dW (Cout,M)@(M,K), or its
 transpose (K,M)@(M,Cout) if faster, and dX (M,Cout)@(Cout,K). Timings on a shared machine are
-only meaningful when nothing else runs: check `top` first.
+only meaningful when nothing else runs: check `top` first. conv2d is held to its im2col route on
+every layer here (ops.WINOGRAD_MIN_CIN = None); bench_winograd.py compares it with the Winograd
+route conv2d takes for the wide 3x3 layers, bench_train_step.py times the step as it really runs.
 
     python benchmarks/bench_ops.py --batch 128 --repeats 5
 """
@@ -29,16 +31,18 @@ VGG4BIT_CONVS = [
 
 
 def interleaved_medians(fns, repeats, warmup=1):
-    """Median seconds of each function, timed round-robin (one call of each per round) so that a
-    burst of load from other processes on a shared machine hits the conv and its GEMMs alike."""
+    """Median seconds of each function, timed round-robin (one call of each per round, the order
+    reversed every other round: A B, B A, ...) so that a burst of load from other processes on a
+    shared machine, or a cache warmed by the previous call, hits all of them alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    times = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in (names if rep % 2 == 0 else names[::-1]):
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) for name, t in times.items()}
 
@@ -96,6 +100,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
+    ops.WINOGRAD_MIN_CIN = None  # the im2col route on every layer: what this benchmark measures
 
     header = (f"{'layer':<6}{'shape':>16}{'GEMM M x K x N':>22} |{'fwd ms':>8}{'GF/s':>7}{'gemm ms':>9}"
               f"{'GF/s':>7}{'ratio':>7} |{'bwd ms':>8}{'GF/s':>7}{'gemm ms':>9}{'GF/s':>7}{'ratio':>7}")

@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) against the current im2col + GEMM convolution, at the conv shapes of VGG4bit.
+"""Winograd F(2x2, 3x3) against conv2d's im2col + GEMM route, at the conv shapes of VGG4bit.
 
 For each layer both paths run in the same process, interleaved (A B B A ...) so that load from
 other processes hits both alike; each cell is the median of --repeats timings after a warm-up.
@@ -17,34 +17,12 @@ The single-threaded run measures the arithmetic alone and is the most repeatable
 """
 import argparse
 import os
-import time
 
-import numba
 import numpy as np
 
+from bench_ops import VGG4BIT_CONVS, interleaved_medians, thread_info  # this folder is on sys.path
 from nanoq4 import blas, ops, winograd
 from nanoq4.tensor import Tensor
-
-# (name, spatial size H = W, Cin, Cout), as in benchmarks/bench_ops.py
-VGG4BIT_CONVS = [
-    ("conv1", 32, 3, 64), ("conv2", 32, 64, 64),
-    ("conv3", 16, 64, 128), ("conv4", 16, 128, 128),
-    ("conv5", 8, 128, 256), ("conv6", 8, 256, 256),
-]
-
-
-def interleaved_medians(fns, repeats):
-    """Median seconds of each callable in `fns` (a dict), run round-robin, direction alternating."""
-    names = list(fns)
-    for name in names:  # warm-up: compilation, buffers, caches
-        fns[name]()
-    times = {name: [] for name in names}
-    for rep in range(repeats):
-        for name in (names if rep % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def relative_error(actual, expected):
@@ -85,12 +63,10 @@ def bench_layer(batch, size, cin, cout, repeats, rng):
 
 
 def environment():
-    lines = [f"numba {numba.__version__}: {numba.get_num_threads()} threads, layer {numba.threading_layer()}; "
-             f"numpy {np.__version__}; cpus {os.cpu_count()}; OMP_WAIT_POLICY="
-             f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, OPENBLAS_THREAD_TIMEOUT="
-             f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}"]
-    lines.append(f"BLAS threads: {blas.get_threads() or 'unknown'} "
-                 f"(per-chunk workers: {'yes' if blas.available() else 'no, BLAS not settable'})")
+    """bench_ops's thread/BLAS lines, plus what decides how the Winograd chunks run."""
+    lines = thread_info() + [
+        f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}; per-chunk workers: "
+        f"{'yes' if blas.available() else 'no, BLAS threads not settable'}"]
     if hasattr(os, "getloadavg"):
         lines.append("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     return lines
@@ -107,6 +83,7 @@ def main():
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     chosen = set(args.layers.split(","))
+    ops.WINOGRAD_MIN_CIN = None  # conv2d's im2col route on every layer, the baseline of this comparison
 
     print(f"3x3 conv, stride 1, pad 1, NHWC float32, batch {args.batch}; ms = median of {args.repeats} "
           f"interleaved runs; speedup = im2col / winograd")

@@ -4,9 +4,9 @@ Shapes: images are NHWC, conv weights (Cout, KH, KW, Cin), linear weights (out, 
 PyTorch. Lowercase functions at the bottom (`conv2d`, `batch_norm`, ...) are the public API;
 arithmetic operators on Tensor are attached here too.
 """
-import numpy as np
-
 import os
+
+import numpy as np
 
 from . import kernels, winograd
 from .tensor import Function, Tensor
@@ -205,7 +205,7 @@ class Conv2d(Function):
         cout, kh, kw, cin = w_shape
         g = grad.reshape(-1, cout)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.winograd:  # saved = (x, w)
+        if ctx.winograd:  # saved = (x, w): here `wmat` is the (Cout, 3, 3, Cin) weight itself
             dx, dw = winograd.conv3x3_backward(grad, x, x.shape, wmat, need_x=need_x, need_w=need_w)
             return (dx, dw, g.sum(axis=0)) if has_bias else (dx, dw)
         # dW is accumulated transposed, (K, Cout) = cols^T @ dY: OpenBLAS runs this orientation

@@ -21,8 +21,8 @@ op_times = defaultdict(float)  # "Conv2d.forward" -> seconds, filled when PROFIL
 
 @contextlib.contextmanager
 def profiled(name):
-    """Add the block's time to op_times[name] when PROFILE is on: for work outside any Function
-    (fake quantization of the weights, for instance)."""
+    """Add the block's time to op_times[name] when PROFILE is on: every Function's forward and
+    backward, and work outside any Function (fake quantization of the weights, for instance)."""
     if not PROFILE:
         yield
         return
@@ -104,10 +104,8 @@ class Tensor:
                 node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
             node._ctx, node._graph_freed = None, True
-            start = time.perf_counter() if PROFILE else 0.0
-            parent_grads = ctx.backward(ctx, g)
-            if PROFILE:
-                op_times[type(ctx).__name__ + ".backward"] += time.perf_counter() - start
+            with profiled(type(ctx).__name__ + ".backward"):
+                parent_grads = ctx.backward(ctx, g)
             if not isinstance(parent_grads, tuple):
                 parent_grads = (parent_grads,)
             for parent, pg in zip(ctx.parents, parent_grads):
@@ -159,10 +157,8 @@ class Function:
         needs_graph = _grad_enabled and any(ctx.needs_input_grad)
         if not needs_graph:
             ctx.needs_input_grad = (False,) * len(parents)
-        start = time.perf_counter() if PROFILE else 0.0
-        out = cls.forward(ctx, *(a.data if isinstance(a, Tensor) else a for a in args), **kwargs)
-        if PROFILE:
-            op_times[cls.__name__ + ".forward"] += time.perf_counter() - start
+        with profiled(cls.__name__ + ".forward"):
+            out = cls.forward(ctx, *(a.data if isinstance(a, Tensor) else a for a in args), **kwargs)
         out = Tensor(out, requires_grad=needs_graph)
         if needs_graph:
             out._ctx = ctx
