@@ -9,6 +9,47 @@ import numpy as np
 from . import data
 from .errors import NanoQ4Error
 from .export import load_model
+from .tensor import Tensor, no_grad
+
+# Test-time augmentation: the prediction is a weighted sum of the logits of several views of
+# each test image. "flip" averages the image and its mirror image (training flips at random,
+# so both are in-distribution); "flip-translate" gives half the weight to that pair and half to
+# the pairs of the image shifted one pixel up-left and one pixel down-right, zero-filled like
+# the training crops. Each view costs one forward pass over the test set.
+TTA_MODES = ("none", "flip", "flip-translate")
+
+
+def shift_images(images, dy, dx):
+    """out[:, i, j] = images[:, i + dy, j + dx], zero where that falls outside (uint8 NHWC)."""
+    out = np.zeros_like(images)
+    h, w = images.shape[1:3]
+    out[:, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] = \
+        images[:, max(dy, 0):h - max(-dy, 0), max(dx, 0):w - max(-dx, 0)]
+    return out
+
+
+def tta_views(images, mode):
+    """[(weight, uint8 NHWC images)] whose weighted logits make the prediction; weights sum to 1."""
+    if mode not in TTA_MODES:
+        raise NanoQ4Error(f"unknown test-time augmentation {mode!r}; choose one of: {', '.join(TTA_MODES)}")
+    if mode == "none":
+        return [(1.0, images)]
+    pair = lambda x, weight: [(weight, x), (weight, x[:, :, ::-1])]
+    if mode == "flip":
+        return pair(images, 0.5)
+    return pair(images, 0.25) + pair(shift_images(images, -1, -1), 0.125) + pair(shift_images(images, 1, 1), 0.125)
+
+
+def predict_logits(forward, images, mean, std, tta="none", batch_size=250):
+    """(N, classes) float32 logits of uint8 NHWC images under `tta`. forward maps a normalized
+    float32 NHWC batch to logits. The trainer and `evaluate` both go through here, so a model
+    file reproduces the trainer's final accuracy exactly."""
+    total = None
+    for weight, view in tta_views(images, tta):
+        loader = data.BatchLoader(view, np.zeros(len(view), dtype=np.int64), batch_size, mean, std)
+        logits = np.concatenate([forward(xb) for xb, _ in loader]) * np.float32(weight)
+        total = logits if total is None else total + logits
+    return total
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -18,25 +59,32 @@ def confusion_matrix(labels, predictions, num_classes):
     return counts
 
 
-def evaluate_file(model_path, dataset_spec, data_dir=None, download=True, coarse=False, batch_size=250):
-    """-> dict(accuracy, per_class, confusion, classes) of the model file on the dataset's test split."""
+def evaluate_file(model_path, dataset_spec, data_dir=None, download=True, coarse=False, batch_size=250,
+                  tta="none"):
+    """-> dict(accuracy, per_class, confusion, classes, tta) of the model file on the dataset's test split."""
+    if tta not in TTA_MODES:
+        raise NanoQ4Error(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_MODES)}")
     model = load_model(model_path)
     dataset = data.load_dataset(dataset_spec, data_dir, download=download, coarse=coarse,
                                 image_size=model.input_size)
     if len(dataset.classes) != len(model.class_names):
         raise NanoQ4Error(f"{model_path} predicts {len(model.class_names)} classes but {dataset_spec} has "
                           f"{len(dataset.classes)}; evaluate it on the dataset it was trained on")
-    probs = model.predict_proba(dataset.x_test, batch_size)
-    predictions = probs.argmax(axis=1)
+    with no_grad():
+        norm = model.header["normalization"]  # the float64 values the trainer normalized with
+        logits = predict_logits(lambda xb: model.model(Tensor(xb)).data, dataset.x_test, norm["mean"], norm["std"],
+                                tta, batch_size)
+    predictions = logits.argmax(axis=1)
     confusion = confusion_matrix(dataset.y_test, predictions, len(model.class_names))
     per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
     return dict(accuracy=float((predictions == dataset.y_test).mean()), per_class=per_class,
-                confusion=confusion, classes=model.class_names)
+                confusion=confusion, classes=model.class_names, tta=tta)
 
 
 def format_report(result):
     names = [str(c)[:12] for c in result["classes"]]
-    lines = [f"test accuracy: {result['accuracy']:.2%} ({result['confusion'].sum()} images)", "",
+    how = "" if result.get("tta", "none") == "none" else f", test-time augmentation {result['tta']}"
+    lines = [f"test accuracy: {result['accuracy']:.2%} ({result['confusion'].sum()} images{how})", "",
              "per-class accuracy:"]
     lines += [f"  {name:<12} {acc:7.2%}" for name, acc in zip(names, result["per_class"])]
     if len(names) <= 20:
@@ -77,10 +125,15 @@ def main(argv=None):
     p.add_argument("--data-dir", help="data folder (default $NANOQ4_DATA, else ./data)")
     p.add_argument("--coarse", action="store_true", help="CIFAR-100 coarse labels")
     p.add_argument("--no-download", action="store_true", help="never download missing data")
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="test-time augmentation: none, flip (2 views) or flip-translate (6 views: flip pairs of "
+                        "the image and of 1-pixel shifts); use the trainer's --tta to reproduce its final number "
+                        "(default %(default)s)")
     p.add_argument("--plot", help="confusion-matrix PNG path (default: next to the model; needs matplotlib)")
     args = p.parse_args(argv)
     try:
-        result = evaluate_file(args.model, args.dataset, args.data_dir, not args.no_download, args.coarse)
+        result = evaluate_file(args.model, args.dataset, args.data_dir, not args.no_download, args.coarse,
+                               tta=args.tta)
     except NanoQ4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

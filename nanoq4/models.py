@@ -20,9 +20,11 @@ def _linear(fin, fout, quantize, bits, per_channel):
     return nn.Linear(fin, fout)
 
 
-def vgg4bit(num_classes=10, quantize=True, bits=4, per_channel=False):
+def vgg4bit(num_classes=10, quantize=True, bits=4, per_channel=False, dropout=0.5):
     """The paper's VGG4bit: three [conv-BN-ReLU x2, maxpool] blocks (64, 128, 256 channels),
-    then 4096 -> 512 (BN1d, ReLU, dropout 0.5) -> classes. 3,251,018 parameters for 10 classes."""
+    then 4096 -> 512 (BN1d, ReLU, dropout) -> classes. 3,251,018 parameters for 10 classes.
+    The paper's dropout is 0.5; short runs underfit with it, so the trainer chooses (no
+    effect on inference or on the parameter count)."""
     q = dict(quantize=quantize, bits=bits, per_channel=per_channel)
     layers = []
     cin = 3
@@ -32,7 +34,7 @@ def vgg4bit(num_classes=10, quantize=True, bits=4, per_channel=False):
                    nn.MaxPool2d(2)]
         cin = cout
     layers += [nn.Flatten(),
-               _linear(4 * 4 * 256, 512, **q), nn.BatchNorm1d(512, relu=True), nn.Dropout(0.5),
+               _linear(4 * 4 * 256, 512, **q), nn.BatchNorm1d(512, relu=True), nn.Dropout(dropout),
                _linear(512, num_classes, **q)]
     return nn.Sequential(*layers)
 
@@ -48,10 +50,10 @@ class ResidualConvBlock(nn.Module):
         return ops.relu(self.bn(self.conv(x)) + x)
 
 
-def simple_resnet4bit(num_classes=10, quantize=True, bits=4, per_channel=False):
+def simple_resnet4bit(num_classes=10, quantize=True, bits=4, per_channel=False, dropout=None):
     """The paper code's small residual network (73,178 parameters for 10 classes):
     16 channels (one residual block), 32 and 64 channels after stride-2 convs, global
-    average pool, then a quantized linear classifier."""
+    average pool, then a quantized linear classifier. It has no dropout (`dropout` is ignored)."""
     q = dict(quantize=quantize, bits=bits, per_channel=per_channel)
     return nn.Sequential(
         _conv(3, 16, **q), nn.BatchNorm2d(16, relu=True),
@@ -68,11 +70,13 @@ def simple_resnet4bit(num_classes=10, quantize=True, bits=4, per_channel=False):
 MODELS = {"vgg4bit": vgg4bit, "simpleresnet4bit": simple_resnet4bit}
 
 
-def build_model(name, num_classes=10, quantize=True, bits=4, per_channel=False):
-    """Build a model by name; the exported model file stores these arguments."""
+def build_model(name, num_classes=10, quantize=True, bits=4, per_channel=False, dropout=None):
+    """Build a model by name; the exported model file stores these arguments (not dropout,
+    which only acts in training). dropout None: the model's own default."""
     if name not in MODELS:
         raise NanoQ4Error(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](num_classes=num_classes, quantize=quantize, bits=bits, per_channel=per_channel)
+    extra = {} if dropout is None else {"dropout": dropout}
+    return MODELS[name](num_classes=num_classes, quantize=quantize, bits=bits, per_channel=per_channel, **extra)
 
 
 def quantized_layers(model):
