@@ -18,7 +18,8 @@ QUICK = ["--dataset", "synthetic", "--model", "simpleresnet4bit", "--epochs", "1
          "--batch-size", "32", "--no-progress"]
 DOCUMENTED_FLAGS = ["--dataset", "--model", "--epochs", "--batch-size", "--optimizer", "--recipe", "--lr",
                     "--weight-decay", "--grad-clip", "--tanh-alpha", "--no-tanh-clip", "--bits", "--fp32",
-                    "--label-smoothing", "--seed", "--data-dir", "--out", "--resume", "--threads"]
+                    "--label-smoothing", "--seed", "--data-dir", "--out", "--resume", "--threads", "--dropout",
+                    "--tta", "--per-channel", "--no-per-channel"]
 
 
 def run_cli(entry, argv, capsys):
@@ -80,13 +81,27 @@ def test_paper_recipe_sets_the_paper_settings():
     assert (cfg.optimizer, cfg.lr, cfg.grad_clip, cfg.schedule, cfg.epochs) == ("adamw", 1e-3, 0.5, "cosine", 150)
 
 
+def test_paper_recipe_keeps_the_papers_model_and_loss_settings():
+    """The default recipe's levers (per-channel scales, smoothing, lower dropout, TTA, batch 256)
+    must not leak into --recipe paper."""
+    cfg = config_from_args(["--recipe", "paper"])
+    assert (cfg.per_channel, cfg.label_smoothing, cfg.dropout, cfg.tta, cfg.batch_size) == (False, 0.0, 0.5, "none", 128)
+    assert (cfg.tanh_clip, cfg.tanh_alpha, cfg.tanh_relative, cfg.weight_decay) == (True, 3.0, None, 5e-4)
+
+
+def test_per_channel_switch_both_ways():
+    assert config_from_args(["--per-channel"]).per_channel is True
+    assert config_from_args(["--no-per-channel"]).per_channel is False
+    assert config_from_args(["--recipe", "paper", "--per-channel"]).per_channel is True
+
+
 def test_explicit_flags_override_the_recipe():
     cfg = config_from_args(["--recipe", "paper", "--epochs", "3", "--lr", "0.01"])
     assert (cfg.epochs, cfg.lr, cfg.optimizer) == (3, 0.01, "adamw")
 
 
 @pytest.mark.parametrize("flag, field, value", [
-    ("--no-tanh-clip", "tanh_clip", False), ("--fp32", "fp32", True), ("--per-channel", "per_channel", True),
+    ("--no-tanh-clip", "tanh_clip", False), ("--fp32", "fp32", True), ("--no-per-channel", "per_channel", False),
     ("--no-download", "download", False), ("--no-progress", "progress", False), ("--no-augment", "augment", False),
 ])
 def test_switch_sets_its_config_field(flag, field, value):
@@ -96,7 +111,9 @@ def test_switch_sets_its_config_field(flag, field, value):
 
 def test_valued_flags_set_their_fields():
     cfg = config_from_args(["--bits", "3", "--tanh-alpha", "1.5", "--weight-decay", "0", "--label-smoothing", "0.1",
-                            "--threads", "1", "--max-steps-per-epoch", "7", "--seed", "9", "--grad-clip", "2"])
+                            "--threads", "1", "--max-steps-per-epoch", "7", "--seed", "9", "--grad-clip", "2",
+                            "--dropout", "0.3", "--tta", "flip"])
+    assert (cfg.dropout, cfg.tta) == (0.3, "flip")
     assert (cfg.bits, cfg.tanh_alpha, cfg.weight_decay, cfg.label_smoothing) == (3, 1.5, 0.0, 0.1)
     assert (cfg.threads, cfg.max_steps_per_epoch, cfg.seed, cfg.grad_clip) == (1, 7, 9, 2.0)
 
@@ -128,6 +145,8 @@ BAD_FLAGS = {
     "batch of one": (["--batch-size", "1"], "--batch-size"),
     "grad clip 0": (["--grad-clip", "0"], "--grad-clip"),
     "label smoothing 1": (["--label-smoothing", "1"], "--label-smoothing"),
+    "dropout 1": (["--dropout", "1"], "--dropout"),
+    "negative dropout": (["--dropout", "-0.1"], "--dropout"),
 }
 
 
@@ -140,6 +159,7 @@ def test_bad_flag_ends_with_one_line_and_exit_code_2(case, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [["--optimizer", "rmsprop"], ["--recipe", "fast"], ["--epochs", "two"],
+                                   ["--tta", "rotate"],
                                    ["--schedule", "linear"], ["--no-such-flag"]])
 def test_argparse_refusal_exits_2(flags, capsys):
     code, _, err = run_cli(main, QUICK + flags, capsys)

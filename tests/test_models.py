@@ -1,5 +1,8 @@
 """The paper's models (nanoq4/models.py): parameter counts, output shapes, which layers are
 quantized, and the build_model entry point."""
+import contextlib
+import io
+
 import numpy as np
 import pytest
 
@@ -133,3 +136,33 @@ def test_residual_block_adds_its_input():
     block.eval()
     x = np.random.default_rng(0).standard_normal((2, 5, 5, 4)).astype(np.float32)
     np.testing.assert_allclose(block(Tensor(x)).data, np.maximum(x, 0), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def dropout_rates(model):
+    return [m.p for _, m in model.named_modules() if isinstance(m, nn.Dropout)]
+
+
+def test_vgg_dropout_is_the_papers_half_unless_chosen():
+    assert dropout_rates(models.build_model("vgg4bit")) == [0.5]
+    assert dropout_rates(models.build_model("vgg4bit", dropout=0.2)) == [0.2]
+    assert models.build_model("vgg4bit", dropout=0.0).num_parameters() == 3_251_018
+
+
+def test_trainer_builds_the_model_with_its_dropout(monkeypatch, tmp_path):
+    from nanoq4 import train as train_module
+    built = []
+    real_build = models.build_model
+
+    def spy(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(train_module.models, "build_model", spy)
+    cfg = train_module.TrainConfig(dataset="synthetic", model="vgg4bit", epochs=1, max_steps_per_epoch=1,
+                                   batch_size=8, dropout=0.1, tta="none", progress=False, out=str(tmp_path))
+    with contextlib.redirect_stdout(io.StringIO()):
+        train_module.train(cfg)
+    assert dropout_rates(built[0]) == [0.1]
