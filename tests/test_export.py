@@ -424,7 +424,8 @@ def test_checkpoint_with_one_flipped_bit_in_its_weights_is_refused(tmp_path):
     at = bytes(raw).index(weights.tobytes()) + 2000
     raw[at] ^= 0x01
     path.write_bytes(bytes(raw))
-    assert pickle.loads(bytes(raw[24:]))["model"]["w"][500] != 0.25, "the flipped bit must unpickle to a wrong weight, else this test proves nothing"
+    damaged = pickle.loads(bytes(raw[24:]))["model"]["w"]
+    assert damaged[500] != 0.25, "the flipped bit must unpickle to a wrong weight, else this test proves nothing"
     with pytest.raises(NanoQ4Error, match="damaged") as info:
         export.load_checkpoint(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
