@@ -161,7 +161,9 @@ class DivergenceWatch:
     (2) CHANCE_MIN_STEPS or more after the warm-up, an epoch's train and test accuracy are both
         within CHANCE_MARGIN of always guessing the most frequent class.
     A healthy run's loss starts near ln(classes) (2.3 for CIFAR-10) and falls, far from 4x; factor
-    0 turns both off. The state (first loss, recent losses) is saved in checkpoints."""
+    0 turns both off. The state (first loss, recent losses) is saved in checkpoints. A step that
+    blows the weights up is only seen in the next step's loss: a checkpoint saved in between
+    is finite, and is what resumes."""
 
     def __init__(self, factor, num_classes, chance_train, chance_test, state=None):
         self.factor, self.floor = factor, math.log(max(num_classes, 2))
@@ -181,6 +183,11 @@ class DivergenceWatch:
             self.first = loss
         self.recent = (self.recent + [loss])[-DIVERGENCE_WINDOW:]
         return self.factor > 0 and sum(v > self._limit() for v in self.recent) >= DIVERGENCE_HITS
+
+    def loss_above_limit(self):
+        """True while one of the recent training losses is above the limit: a checkpoint saved
+        now might already hold a diverging run, so the last one is kept until this clears."""
+        return self.factor > 0 and self.first is not None and any(v > self._limit() for v in self.recent)
 
     def loss_report(self):
         return (f"the training loss was above {self._limit():.3g} ({self.factor:g}x its first value "

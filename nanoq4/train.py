@@ -356,15 +356,20 @@ def train(cfg, given=None):
                               f"{safeguards.recovery_hint(last_good)}")
 
     def save(epoch, batch, running, when):
-        """Write the checkpoint, unless anything in it is non-finite: then the last good one stays."""
+        """Write the checkpoint -> True. Anything non-finite in it stops the run (NanoQ4Error) and
+        a loss above the divergence limit skips the write (False): the last good one stays."""
         nonlocal last_good
         state = dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=nn.get_rng_state(), history=history,
                      prev_codes=prev_codes, epoch=epoch, batch=batch, partial=running, divergence=watch.state(),
                      config=dataclasses.asdict(cfg))
         check_finite(when, weights=state["model"], optimizer_state=state["optimizer"], metrics=history,
                      running_loss=running)
+        if watch.loss_above_limit():
+            log(f"checkpoint not updated {when}: {watch.loss_report()}; kept {last_good or 'none'}")
+            return False
         export.save_checkpoint(ckpt_path, **state)
         last_good = ckpt_path
+        return True
 
     log(f"nanoq4: {cfg.model} ({model.num_parameters():,} parameters, "
          f"{'float32' if cfg.fp32 else f'{cfg.bits}-bit weights'}) on {dataset.name}: "
@@ -387,9 +392,10 @@ def train(cfg, given=None):
                     continue
                 if stop.requested:
                     bar.close()
-                    save(epoch, k, (loss_sum, correct, seen), f"before epoch {epoch + 1} step {k + 1}")
-                    log(f"\ninterrupted: saved {ckpt_path}; continue with: python -m nanoq4.train --resume "
-                        f"{shlex.quote(str(ckpt_path))}")
+                    saved = save(epoch, k, (loss_sum, correct, seen), f"before epoch {epoch + 1} step {k + 1}")
+                    log(f"\ninterrupted: {'saved' if saved else 'kept'} {last_good}; continue with: python -m "
+                        f"nanoq4.train --resume {shlex.quote(str(last_good))}" if last_good else
+                        "\ninterrupted before any checkpoint could be saved")
                     raise cli.Interrupted(stop.signum)
                 opt.lr = schedule(step)
                 logits = model(Tensor(xb))
