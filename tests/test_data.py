@@ -688,7 +688,7 @@ def real_data_root(folder):
     root = os.environ.get("NANOQ4_DATA")
     if not root or not (Path(root) / folder).is_dir():
         message = (f"real data {folder}/ not found in NANOQ4_DATA={root!r}; "
-                   f"run python /work/shared/data/materialize.py DIR and set NANOQ4_DATA=DIR")
+                   f"run python ../shared/data/materialize.py DIR and set NANOQ4_DATA=DIR")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
