@@ -497,8 +497,9 @@ def build_parser():
                     "one-cycle schedule, batch 256, per-channel 4-bit scales, label smoothing 0.2, dropout 0.2, "
                     "flip-translate test-time augmentation of the final model (README lists measured results).")
     d = TrainConfig()
-    p.add_argument("--dataset", default=d.dataset, help="cifar10, cifar100, synthetic or folder:PATH (default %(default)s)")
-    p.add_argument("--model", default=d.model, help="vgg4bit or simpleresnet4bit (default %(default)s)")
+    # No argparse defaults: a flag that was not typed is None, so --resume can take it from the checkpoint.
+    p.add_argument("--dataset", help=f"cifar10, cifar100, synthetic or folder:PATH (default {d.dataset})")
+    p.add_argument("--model", help=f"vgg4bit or simpleresnet4bit (default {d.model})")
     p.add_argument("--recipe", choices=["paper"], help="paper: the paper's settings (AdamW lr 1e-3, weight decay "
                    "5e-4, grad clip 0.5, tanh a=3, cosine annealing, 150 epochs, batch 128, crop+flip); explicit "
                    "flags still override")
@@ -536,12 +537,14 @@ def build_parser():
     p.add_argument("--resume", nargs="?", const="", metavar="PATH",
                    help="continue from a checkpoint (without PATH: OUT/checkpoint.ckpt, needs --out); settings not "
                         "given come from the checkpoint, given ones that differ from it are refused")
+    fixed = ", ".join(safeguards.flag_name(k) for k in RESUME_KEYS if k != "max_steps_per_epoch")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: train on with given settings that differ from the checkpoint's (learning "
-                        "rate, schedule, augmentation, ...); the model, data, batch size, seed and epochs never change")
+                        f"rate, schedule, augmentation, ...); {fixed} never change within a run")
     p.add_argument("--divergence-factor", type=float,
-                   help=f"stop (keeping the last good checkpoint) when 3 of the last 5 training losses exceed this "
-                        f"x the first one, or when accuracy is still at chance level 100 steps after the warm-up; "
+                   help=f"stop, keeping the last good checkpoint, when {safeguards.DIVERGENCE_HITS} of the last "
+                        f"{safeguards.DIVERGENCE_WINDOW} training losses exceed this x the first one, or when the "
+                        f"accuracy is still at chance level {safeguards.CHANCE_MIN_STEPS} steps after the warm-up; "
                         f"0: never (default {d.divergence_factor})")
     p.add_argument("--threads", type=int, help="CPU threads for Numba and BLAS, 1 to the number of cores "
                    "(default: all cores)")
