@@ -398,8 +398,12 @@ def train(cfg, given=None):
                         "\ninterrupted before any checkpoint could be saved")
                     raise cli.Interrupted(stop.signum)
                 opt.lr = schedule(step)
-                logits = model(Tensor(xb))
-                loss = ops.cross_entropy(logits, yb, cfg.label_smoothing)
+                try:
+                    logits = model(Tensor(xb))
+                    loss = ops.cross_entropy(logits, yb, cfg.label_smoothing)
+                except NanoQ4Error as e:  # quantizing weights that the previous step made non-finite
+                    raise NanoQ4Error(f"{e} (epoch {epoch + 1} step {k + 1}); "
+                                      f"{safeguards.recovery_hint(last_good)}") from None
                 loss_value = float(loss.data)
                 if not math.isfinite(loss_value):
                     raise NanoQ4Error(f"loss became {loss_value} at epoch {epoch + 1} step {k + 1}; "

@@ -191,6 +191,7 @@ OUT_OF_DOMAIN = {
     "dropout 1": (["--dropout", "1"], "--dropout"),
     "dropout negative": (["--dropout", "-0.5"], "--dropout"),
     "epochs negative": (["--epochs", "-3"], "--epochs"),
+    "epochs beyond counting": (["--epochs", "1" + "0" * 400], "--epochs"),
     "batch size 0": (["--batch-size", "0"], "--batch-size"),
     "bits 0": (["--bits", "0"], "--bits"),
     "max steps 0": (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch"),
