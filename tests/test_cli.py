@@ -2,6 +2,7 @@
 any work, the run-folder guard, exit codes of signals), `python -m nanoq4.evaluate` and
 `python -m nanoq4.predict` on an exported model file."""
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,6 +243,17 @@ def test_evaluate_and_predict_refuse_bad_flags_before_reading_anything(tmp_path,
         code, _, err = run_cli(entry, argv, capsys)
         assert code == 2, argv
         assert fragment in assert_one_line_error(err), argv
+
+
+def test_download_script_refuses_an_unknown_dataset_before_downloading(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "data_scripts" / "download_cifar.py"
+    spec = importlib.util.spec_from_file_location("download_cifar", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code, _, err = run_cli(script.main, ["cifar10", "imagenet", "--data-dir", str(tmp_path / "data")], capsys)
+    assert code == 2
+    assert "imagenet" in assert_one_line_error(err)
+    assert not (tmp_path / "data").exists()
 
 
 # ----------------------------------------------------------------------------- the run folder
