@@ -298,12 +298,12 @@ def train(cfg, given=None):
     With cfg.resume the run continues from that checkpoint: settings not named in `given` (the
     CLI passes the flags typed; None: all) come from the checkpoint's config, given ones that
     differ from it are refused unless cfg.allow_changes (see resumed_config)."""
-    validate(cfg)
     checkpoint, changes = None, {}
     if cfg.resume:
+        safeguards.check_domains(cfg)  # the given values; the others (dataset, ...) come from the checkpoint
         checkpoint = safeguards.check_resumable(cfg.resume, export.load_checkpoint(cfg.resume))
         cfg, changes = resumed_config(cfg, checkpoint["config"], given)
-        validate(cfg)  # what came from the checkpoint must fit today's domains too
+    validate(cfg)  # on resume, what came from the checkpoint must fit today's domains too
     out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else _default_out(cfg))
     replacing = safeguards.check_run_folder(out, cfg)
     set_threads(cfg.threads)
