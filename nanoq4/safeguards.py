@@ -49,6 +49,13 @@ def flag_name(setting):
     return "--" + setting.replace("_", "-")
 
 
+def _finite(value):
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def check_domains(cfg):
     """Refuse a numeric setting outside NUMERIC_DOMAINS (NaN and infinities included) as one
     line naming its flag."""
@@ -59,8 +66,7 @@ def check_domains(cfg):
         if integer:
             right_type = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         else:
-            right_type = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                          and math.isfinite(value))
+            right_type = isinstance(value, numbers.Real) and not isinstance(value, bool) and _finite(value)
         if not (right_type and ok(value)):
             kind = "an integer" if integer else "a finite number"
             raise NanoQ4Error(f"{flag_name(name)} must be {kind} {domain.format(cores=available_cores())}, "
