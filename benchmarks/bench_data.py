@@ -15,6 +15,7 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from nanoq4 import cli  # noqa: E402
 from nanoq4.data import (CIFAR_MEAN, CIFAR_STD, CROP_PADDING, BatchLoader,  # noqa: E402
                          augment_batch, augment_batch_reference, normalization_table)
 
@@ -64,10 +65,9 @@ def _median_call_ms(fn, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=300, help="timed batches per figure")
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=cli.int_at_least(1), default=128, help="images per batch (default 128)")
+    parser.add_argument("--batches", type=cli.int_at_least(1), default=300, help="timed batches per figure")
     args = parser.parse_args()
     b = args.batch_size
     images = _training_images()

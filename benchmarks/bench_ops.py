@@ -19,7 +19,7 @@ import time
 import numba
 import numpy as np
 
-from nanoq4 import blas, kernels, ops
+from nanoq4 import blas, cli, kernels, ops
 from nanoq4.tensor import Tensor
 
 # (name, spatial size H = W, Cin, Cout): 3->64, 64->64 | pool | 64->128, 128->128 | pool | 128->256, 256->256
@@ -93,11 +93,11 @@ def thread_info():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=128, help="images per batch (default 128)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement, median "
-                        "reported (default 5, at least 5 recommended)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=cli.int_at_least(1), default=128, help="images per batch (default 128)")
+    parser.add_argument("--repeats", type=cli.int_at_least(1), default=5, help="timed repeats per measurement, "
+                        "median reported (default 5, at least 5 recommended)")
+    parser.add_argument("--seed", type=cli.int_at_least(0), default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     ops.WINOGRAD_MIN_CIN = None  # the im2col route on every layer: what this benchmark measures

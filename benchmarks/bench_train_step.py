@@ -9,7 +9,6 @@ the data-pipeline cost per batch, peak RSS, eval throughput (batch 1000, no grad
 training model and of the model loaded from the exported int4 file, and, when torch is
 importable, the same model in PyTorch timed the same way with the ratios nanoq4/PyTorch.
 """
-import argparse
 import os
 import resource
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nanoq4 import export, models, nn, ops, optim, tensor  # noqa: E402
+from nanoq4 import cli, export, models, nn, ops, optim, tensor  # noqa: E402
 from nanoq4.tensor import Tensor, no_grad  # noqa: E402
 
 # (H=W, Cin, Cout) of the six 3x3 convolutions, then the two linear layers (in, out)
@@ -216,9 +215,9 @@ def bench_torch(batch, steps):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=cli.int_at_least(2), default=128, help="images per step, >= 2 (default 128)")
+    p.add_argument("--steps", type=cli.int_at_least(1), default=10, help="timed steps (default 10)")
     p.add_argument("--no-torch", action="store_true")
     args = p.parse_args()
     b = args.batch

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from bench_ops import VGG4BIT_CONVS, interleaved_medians, thread_info  # this folder is on sys.path
-from nanoq4 import blas, ops, winograd
+from nanoq4 import blas, cli, ops, winograd
 from nanoq4.tensor import Tensor
 
 
@@ -73,16 +73,19 @@ def environment():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=128, help="images per batch (default 128)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per cell, median reported "
-                        "(default 7, at least 5 recommended)")
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=cli.int_at_least(1), default=128, help="images per batch (default 128)")
+    parser.add_argument("--repeats", type=cli.int_at_least(1), default=7, help="timed repeats per cell, median "
+                        "reported (default 7, at least 5 recommended)")
     parser.add_argument("--layers", default=",".join(name for name, *_ in VGG4BIT_CONVS),
                         help="comma-separated subset of conv1..conv6")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.int_at_least(0), default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     chosen = set(args.layers.split(","))
+    unknown = sorted(chosen - {name for name, *_ in VGG4BIT_CONVS})
+    if unknown:
+        parser.error(f"--layers: unknown layer(s) {', '.join(unknown)}; choose from conv1..conv6")
     ops.WINOGRAD_MIN_CIN = None  # conv2d's im2col route on every layer, the baseline of this comparison
 
     print(f"3x3 conv, stride 1, pad 1, NHWC float32, batch {args.batch}; ms = median of {args.repeats} "

@@ -12,27 +12,29 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from nanoq4 import cli  # noqa: E402
 from nanoq4.data import CIFAR_SOURCES, ensure_cifar, resolve_data_dir  # noqa: E402
-from nanoq4.errors import NanoQ4Error  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("datasets", nargs="*", metavar="DATASET",
                         help=f"any of {', '.join(sorted(CIFAR_SOURCES))} (default: both)")
     parser.add_argument("--data-dir", help="data folder (default: $NANOQ4_DATA, else ./data)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    root = resolve_data_dir(args.data_dir)
-    try:
+    unknown = [name for name in args.datasets if name not in CIFAR_SOURCES]
+    if unknown:  # refused before anything is downloaded
+        parser.error(f"unknown dataset {unknown[0]!r}; choose {' or '.join(sorted(CIFAR_SOURCES))}")
+
+    def body():
+        root = resolve_data_dir(args.data_dir)
         for name in args.datasets or sorted(CIFAR_SOURCES):
             folder = ensure_cifar(name, root, download=True, progress=not args.no_progress)
             print(f"{name}: {folder}")
-    except NanoQ4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

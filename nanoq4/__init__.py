@@ -1,6 +1,7 @@
 """nanoq4: true 4-bit quantized CNN training on the CPU, from scratch on NumPy + Numba.
 
-Reading order: tensor -> ops -> kernels -> quant -> nn -> optim -> data -> models -> train -> export.
+Reading order: tensor -> ops -> kernels -> quant -> nn -> optim -> data -> models -> safeguards -> train -> export
+(cli: what the three commands share).
 """
 from .errors import NanoQ4Error
 from .tensor import Function, Tensor, no_grad

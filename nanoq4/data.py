@@ -264,6 +264,11 @@ def _planes_to_nhwc(data, out):
         pixels[:, :, c] = planes[:, c]
 
 
+def _no_images(size=32):
+    """The empty split of a dataset loaded with train=False (evaluation reads only the test split)."""
+    return np.empty((0, size, size, 3), dtype=np.uint8), np.empty(0, dtype=np.int64)
+
+
 def _read_split(paths, label_key, num_classes):
     batches = [_read_batch(p, label_key, num_classes) for p in paths]
     x = np.empty((sum(len(data) for data, _ in batches), 32, 32, 3), dtype=np.uint8)
@@ -274,23 +279,25 @@ def _read_split(paths, label_key, num_classes):
     return x, np.concatenate([labels for _, labels in batches])
 
 
-def load_cifar10(root):
-    """CIFAR-10 from `root`/cifar-10-batches-py (or the official archive placed in `root`)."""
+def load_cifar10(root, train=True):
+    """CIFAR-10 from `root`/cifar-10-batches-py (or the official archive placed in `root`);
+    train=False leaves the five training batches unread."""
     folder = ensure_cifar("cifar10", root, download=False)
     classes = _read_names(folder / "batches.meta", b"label_names")
-    x_train, y_train = _read_split([folder / f"data_batch_{i}" for i in range(1, 6)],
-                                   b"labels", len(classes))
+    x_train, y_train = (_read_split([folder / f"data_batch_{i}" for i in range(1, 6)], b"labels", len(classes))
+                        if train else _no_images())
     x_test, y_test = _read_split([folder / "test_batch"], b"labels", len(classes))
     return Dataset("cifar10", x_train, y_train, x_test, y_test, classes, CIFAR_MEAN, CIFAR_STD)
 
 
-def load_cifar100(root, coarse=False):
-    """CIFAR-100 from `root`/cifar-100-python: 100 fine labels, or the 20 superclasses."""
+def load_cifar100(root, coarse=False, train=True):
+    """CIFAR-100 from `root`/cifar-100-python: 100 fine labels, or the 20 superclasses;
+    train=False leaves the training file unread."""
     folder = ensure_cifar("cifar100", root, download=False)
     kind = "coarse" if coarse else "fine"
     classes = _read_names(folder / "meta", f"{kind}_label_names".encode())
     label_key = f"{kind}_labels".encode()
-    x_train, y_train = _read_split([folder / "train"], label_key, len(classes))
+    x_train, y_train = _read_split([folder / "train"], label_key, len(classes)) if train else _no_images()
     x_test, y_test = _read_split([folder / "test"], label_key, len(classes))
     name = "cifar100-coarse" if coarse else "cifar100"
     return Dataset(name, x_train, y_train, x_test, y_test, classes, CIFAR_MEAN, CIFAR_STD)
@@ -303,12 +310,34 @@ def _check_size(size):
         raise NanoQ4Error(f"image size must be >= 1, got {size}")
 
 
+# Pillow holds 16-bit greyscale as I;16* (PNG, TIFF) or I (fromarray of uint16, signed TIFF), and
+# its own convert("RGB") clips those at 255; they are scaled from 0..65535 instead. 16-bit RGB(A)
+# files already open as 8-bit RGB(A) (Pillow keeps each sample's high byte).
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(img):
+    """A Pillow image of any mode as 8-bit RGB: 16-bit grey scaled (not clipped), float (F) in
+    Pillow's 0..255 units, alpha dropped, palettes/CMYK/YCbCr/LAB/HSV converted."""
+    if img.mode in SIXTEEN_BIT_GREY_MODES:
+        grey = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
+        return Image.fromarray(np.rint(grey * (255 / 65535)).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.rint(np.clip(grey, 0, 255)).astype(np.uint8)).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError:  # a mode without a direct route to RGB (e.g. PA, La): go through RGBA
+        return img.convert("RGBA").convert("RGB")
+
+
 def load_image(path, size=32):
-    """Any image Pillow reads, upright (EXIF), as RGB uint8 (size, size, 3), resized bicubically."""
+    """Any image Pillow reads, upright (EXIF), as RGB uint8 (size, size, 3) (see to_rgb8),
+    resized bicubically."""
     _check_size(size)
     try:
         with Image.open(path) as img:
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            rgb = to_rgb8(ImageOps.exif_transpose(img))
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
             return np.array(rgb, dtype=np.uint8)
@@ -344,9 +373,9 @@ def _read_image_split(split_dir, classes, size):
     return x, np.array(labels, dtype=np.int64)
 
 
-def load_image_folder(root, size=32):
+def load_image_folder(root, size=32, train=True):
     """root/train/<class>/*.png|jpg|jpeg|bmp|webp and root/test/<class>/...; the labels follow
-    the sorted train folder names."""
+    the sorted train folder names (train=False reads only those names, not the train images)."""
     _check_size(size)
     root = Path(root).expanduser()
     train_dir = root / "train"
@@ -357,7 +386,7 @@ def load_image_folder(root, size=32):
                      if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise NanoQ4Error(f"no class folders in {train_dir}")
-    x_train, y_train = _read_image_split(train_dir, classes, size)
+    x_train, y_train = _read_image_split(train_dir, classes, size) if train else _no_images(size)
     x_test, y_test = _read_image_split(root / "test", classes, size)
     return Dataset(f"folder:{root}", x_train, y_train, x_test, y_test, classes,
                    CIFAR_MEAN, CIFAR_STD)
@@ -365,11 +394,12 @@ def load_image_folder(root, size=32):
 
 # ---------------------------------------------------------------- synthetic images
 
-def synthetic_dataset(n_train=2000, n_test=500, num_classes=10, size=32, seed=0):
+def synthetic_dataset(n_train=2000, n_test=500, num_classes=10, size=32, seed=0, train=True):
     """Images a small CNN learns to >90% in a few epochs: class c is a fixed smooth colour field
     plus coloured stripes at its own angle and frequency; each image shows that pattern shifted
     at random (it tiles, so shifts wrap around), with a colour cast and pixel noise. Train
-    and test draw from separate streams, so the test set does not depend on n_train."""
+    and test draw from separate streams, so the test set does not depend on n_train (nor on
+    train=False, which skips the training images)."""
     if min(n_train, n_test) < 1 or num_classes < 2 or size < 1:
         raise NanoQ4Error("synthetic data needs n_train, n_test, size >= 1 and num_classes >= 2")
     class_rng, train_rng, test_rng = (np.random.default_rng(s)
@@ -402,7 +432,7 @@ def synthetic_dataset(n_train=2000, n_test=500, num_classes=10, size=32, seed=0)
         img += 8 * rng.standard_normal(img.shape, dtype=np.float32)
         return np.clip(np.rint(img), 0, 255).astype(np.uint8), y.astype(np.int64)
 
-    x_train, y_train = sample(n_train, train_rng)
+    x_train, y_train = sample(n_train, train_rng) if train else _no_images(size)
     x_test, y_test = sample(n_test, test_rng)
     classes = [f"pattern{c}" for c in range(k)]
     return Dataset("synthetic", x_train, y_train, x_test, y_test, classes, CIFAR_MEAN, CIFAR_STD)
@@ -562,26 +592,37 @@ class BatchLoader:
 
 # ---------------------------------------------------------------- one entry point
 
-def load_dataset(spec, data_dir=None, download=True, coarse=False, image_size=32,
-                 normalization="paper", seed=0):
-    """The dataset named by `spec` ("cifar10" | "cifar100" | "synthetic" | "folder:PATH"), with
-    mean/std set by `normalization`: "paper" (CIFAR_MEAN/STD) or "computed" (from x_train)."""
-    if normalization not in ("paper", "computed"):
-        raise NanoQ4Error(f"unknown normalization {normalization!r}; choose paper or computed")
+def check_dataset_spec(spec, coarse=False):
+    """Refuse a dataset name load_dataset cannot load, before any file is read."""
+    is_folder = isinstance(spec, str) and spec.startswith("folder:") and spec[len("folder:"):]
+    if not (spec in CIFAR_SOURCES or spec == "synthetic" or is_folder):
+        raise NanoQ4Error(f"unknown dataset {spec!r}; choose {DATASET_CHOICES}")
     if coarse and spec != "cifar100":
         raise NanoQ4Error(f"coarse labels exist only for cifar100, not {spec!r}")
+
+
+def load_dataset(spec, data_dir=None, download=True, coarse=False, image_size=32,
+                 normalization="paper", seed=0, train=True):
+    """The dataset named by `spec` ("cifar10" | "cifar100" | "synthetic" | "folder:PATH"), with
+    mean/std set by `normalization`: "paper" (CIFAR_MEAN/STD) or "computed" (from x_train).
+    train=False leaves the training images unread (x_train, y_train empty): evaluation needs
+    only the test split and the class names."""
+    if normalization not in ("paper", "computed"):
+        raise NanoQ4Error(f"unknown normalization {normalization!r}; choose paper or computed")
+    if normalization == "computed" and not train:
+        raise NanoQ4Error("computed normalization needs the training images (train=True)")
+    check_dataset_spec(spec, coarse)
     if spec in CIFAR_SOURCES:
         if image_size != 32:
             raise NanoQ4Error(f"CIFAR images are 32x32; image_size {image_size} is not supported")
         root = resolve_data_dir(data_dir)
         ensure_cifar(spec, root, download=download)
-        dataset = load_cifar10(root) if spec == "cifar10" else load_cifar100(root, coarse=coarse)
+        dataset = (load_cifar10(root, train) if spec == "cifar10"
+                   else load_cifar100(root, coarse=coarse, train=train))
     elif spec == "synthetic":
-        dataset = synthetic_dataset(size=image_size, seed=seed)
-    elif isinstance(spec, str) and spec.startswith("folder:") and spec[len("folder:"):]:
-        dataset = load_image_folder(spec[len("folder:"):], size=image_size)
+        dataset = synthetic_dataset(size=image_size, seed=seed, train=train)
     else:
-        raise NanoQ4Error(f"unknown dataset {spec!r}; choose {DATASET_CHOICES}")
+        dataset = load_image_folder(spec[len("folder:"):], size=image_size, train=train)
     if normalization == "computed":
         dataset.mean, dataset.std = channel_mean_std(dataset.x_train)
     return dataset

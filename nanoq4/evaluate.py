@@ -1,12 +1,12 @@
 """`python -m nanoq4.evaluate MODEL.nq4 --dataset cifar10`: accuracy of an exported int4 model
 file on a test set, per-class accuracy and the confusion matrix (text; PNG with matplotlib)."""
-import argparse
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from . import data
+from . import cli, data
 from .errors import NanoQ4Error
 from .export import load_model
 from .tensor import Tensor, no_grad
@@ -61,15 +61,15 @@ def confusion_matrix(labels, predictions, num_classes):
 
 def evaluate_file(model_path, dataset_spec, data_dir=None, download=True, coarse=False, batch_size=250,
                   tta="none"):
-    """-> dict(accuracy, per_class, confusion, classes, tta) of the model file on the dataset's test split."""
+    """-> dict(accuracy, per_class, confusion, classes, tta) of the model file on the dataset's test
+    split (the training images are not read). The model's class names must be the dataset's."""
     if tta not in TTA_MODES:
         raise NanoQ4Error(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_MODES)}")
+    data.check_dataset_spec(dataset_spec, coarse)
     model = load_model(model_path)
     dataset = data.load_dataset(dataset_spec, data_dir, download=download, coarse=coarse,
-                                image_size=model.input_size)
-    if len(dataset.classes) != len(model.class_names):
-        raise NanoQ4Error(f"{model_path} predicts {len(model.class_names)} classes but {dataset_spec} has "
-                          f"{len(dataset.classes)}; evaluate it on the dataset it was trained on")
+                                image_size=model.input_size, train=False)
+    check_class_names(model_path, model.class_names, dataset_spec, dataset.classes)
     with no_grad():
         norm = model.header["normalization"]  # the float64 values the trainer normalized with
         logits = predict_logits(lambda xb: model.model(Tensor(xb)).data, dataset.x_test, norm["mean"], norm["std"],
@@ -79,6 +79,21 @@ def evaluate_file(model_path, dataset_spec, data_dir=None, download=True, coarse
     per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
     return dict(accuracy=float((predictions == dataset.y_test).mean()), per_class=per_class,
                 confusion=confusion, classes=model.class_names, tta=tta)
+
+
+def check_class_names(model_path, model_classes, dataset_spec, dataset_classes):
+    """Label k must mean the same class to the model and the dataset, else the accuracy is wrong."""
+    model_classes, dataset_classes = [str(c) for c in model_classes], [str(c) for c in dataset_classes]
+    if len(model_classes) != len(dataset_classes):
+        raise NanoQ4Error(f"{model_path} predicts {len(model_classes)} classes but {dataset_spec} has "
+                          f"{len(dataset_classes)}; evaluate it on the dataset it was trained on")
+    differ = [k for k, (a, b) in enumerate(zip(model_classes, dataset_classes)) if a != b]
+    if differ:
+        k = differ[0]
+        raise NanoQ4Error(f"{model_path} was trained on other classes than {dataset_spec} has: class {k} is "
+                          f"{model_classes[k]!r} in the model but {dataset_classes[k]!r} in the dataset "
+                          f"({len(differ)} of {len(model_classes)} differ); evaluate it on the dataset it was "
+                          f"trained on")
 
 
 def format_report(result):
@@ -95,7 +110,20 @@ def format_report(result):
     return "\n".join(lines)
 
 
+def check_plot_path(path):
+    """Refuse a --plot path that cannot be written before the evaluation runs."""
+    path = Path(path)
+    if path.is_dir():
+        raise NanoQ4Error(f"--plot {path} is a folder; give a file name such as {path / 'confusion.png'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise NanoQ4Error(f"--plot {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise NanoQ4Error(f"--plot {path}: no permission to write in {folder}")
+
+
 def plot_confusion(result, path):
+    """The confusion matrix as a PNG, when matplotlib is installed; an unwritable path is a NanoQ4Error."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -112,14 +140,19 @@ def plot_confusion(result, path):
     ax.set_title(f"accuracy {result['accuracy']:.2%}")
     fig.colorbar(im)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100, format="png")
+    except OSError as e:
+        raise NanoQ4Error(f"cannot write the confusion plot {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return True
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nanoq4.evaluate",
-                                description="Accuracy of an exported int4 model file (.nq4) on a test set.")
+    p = cli.ArgumentParser(prog="python -m nanoq4.evaluate",
+                           description="Accuracy of an exported int4 model file (.nq4) on a test set "
+                                       "(only its test split is read).")
     p.add_argument("model", help="the .nq4 model file")
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, synthetic or folder:PATH (default %(default)s)")
     p.add_argument("--data-dir", help="data folder (default $NANOQ4_DATA, else ./data)")
@@ -129,19 +162,24 @@ def main(argv=None):
                    help="test-time augmentation: none, flip (2 views) or flip-translate (6 views: flip pairs of "
                         "the image and of 1-pixel shifts); use the trainer's --tta to reproduce its final number "
                         "(default %(default)s)")
-    p.add_argument("--plot", help="confusion-matrix PNG path (default: next to the model; needs matplotlib)")
+    p.add_argument("--plot", help="confusion-matrix PNG path (default: next to the model, skipped when that "
+                                  "folder is not writable; needs matplotlib)")
     args = p.parse_args(argv)
-    try:
+
+    def body():
+        if args.plot:
+            check_plot_path(args.plot)
         result = evaluate_file(args.model, args.dataset, args.data_dir, not args.no_download, args.coarse,
                                tta=args.tta)
-    except NanoQ4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(result))
-    png = Path(args.plot) if args.plot else Path(args.model).with_suffix(".confusion.png")
-    if plot_confusion(result, png):
-        print(f"\nconfusion matrix plot: {png}")
-    return 0
+        print(format_report(result))
+        png = Path(args.plot) if args.plot else Path(args.model).with_suffix(".confusion.png")
+        if not args.plot and not os.access(png.parent, os.W_OK | os.X_OK):
+            return 0  # a model in a read-only folder: the plot nobody asked for is skipped
+        if plot_confusion(result, png):
+            print(f"\nconfusion matrix plot: {png}")
+        return 0
+
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ Loading rebuilds the architecture and sets each quantized layer's weight to code
 re-quantizing that weight gives back the same codes, so the loaded model computes exactly the
 integer-weight network that was exported. Every file is written to a temporary name in the
 same folder, then renamed, so a crash never leaves a half-written file behind.
+
+Training checkpoint (.ckpt), little-endian: 8 bytes magic b"NANOQ4\\x00C", u32 version (2),
+u64 payload length, u32 CRC-32 of the payload, then the payload: a pickled dict of the training
+state. Version 1 checkpoints (a bare pickle, no checksum) are still read.
 """
 import json
 import os
@@ -36,8 +40,10 @@ from .tensor import no_grad
 MAGIC = b"NANOQ4\x00M"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+CHECKPOINT_MAGIC = b"NANOQ4\x00C"
 CHECKPOINT_FORMAT = "nanoq4-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+READABLE_CHECKPOINT_VERSIONS = (1, 2)
 
 
 def atomic_write_bytes(path, chunks):
@@ -206,24 +212,44 @@ def model_file_sizes(model, path):
 
 def save_checkpoint(path, **state):
     """Pickle a training state (model/optimizer state dicts, RNG states, epoch, config, ...)
-    atomically. Checkpoints are trusted files you wrote yourself: pickle is not safe for
-    files from strangers (the .nq4 model file is the format to share)."""
+    atomically, behind a CRC-32 so that a damaged file is refused instead of resuming from
+    silently wrong weights. Checkpoints are trusted files you wrote yourself: pickle is not safe
+    for files from strangers (the .nq4 model file is the format to share)."""
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    atomic_write_bytes(path, [pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)])
+    payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    prefix = CHECKPOINT_MAGIC + struct.pack("<IQI", CHECKPOINT_VERSION, len(payload), zlib.crc32(payload))
+    atomic_write_bytes(path, [prefix, payload])
 
 
 def load_checkpoint(path):
+    """The state dict saved by save_checkpoint; a damaged, truncated or foreign file is a one-line
+    NanoQ4Error naming it."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            state = pickle.load(f)
+        raw = path.read_bytes()
     except OSError as e:
-        raise NanoQ4Error(f"cannot read checkpoint {path}: {e.strerror}") from None
+        raise NanoQ4Error(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    version = 1  # a bare pickle, written before checkpoints had a header
+    if raw[:8] == CHECKPOINT_MAGIC:
+        if len(raw) < 24:
+            raise NanoQ4Error(f"checkpoint {path} is truncated (no complete header); it cannot be resumed")
+        version, length, crc = struct.unpack("<IQI", raw[8:24])
+        if version != CHECKPOINT_VERSION:
+            raise NanoQ4Error(f"{path} has checkpoint version {version}, this nanoq4 reads "
+                              f"{', '.join(map(str, READABLE_CHECKPOINT_VERSIONS))}")
+        payload = raw[24:]
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            what = "truncated" if len(payload) < length else "damaged"
+            raise NanoQ4Error(f"checkpoint {path} is {what} (checksum mismatch); it cannot be resumed")
+    else:
+        payload = raw
+    try:
+        state = pickle.loads(payload)
     except Exception:
         raise NanoQ4Error(f"{path} is not a readable nanoq4 checkpoint (corrupt or another format)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise NanoQ4Error(f"{path} is not a nanoq4 checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise NanoQ4Error(f"{path} has checkpoint version {state.get('version')}, this nanoq4 reads "
-                          f"{CHECKPOINT_VERSION}")
+    if state.get("version") != version:  # the pickle repeats the version its header (or its lack) implies
+        raise NanoQ4Error(f"{path} has checkpoint version {state.get('version')!r} (expected {version} for its "
+                          f"layout); this nanoq4 reads versions {', '.join(map(str, READABLE_CHECKPOINT_VERSIONS))}")
     return state

@@ -6,11 +6,19 @@ After each epoch: test accuracy, grid statistics of every quantized layer, a met
 record, a curve PNG (if matplotlib is installed) and an atomic checkpoint. At the end the
 model is exported as a packed int4 file (model.nq4) and the FINAL epoch's test accuracy is
 reported (the best epoch is shown too, labelled as selected on the test set).
+
+Never losing a run: every setting is checked before any work starts; a folder that holds a run
+is not overwritten without --overwrite; a checkpoint is only replaced by one whose weights,
+optimizer state and metrics are finite; a diverging run stops and keeps its last good
+checkpoint; --resume continues with the checkpoint's own settings and refuses differing ones
+unless --allow-changes says so.
 """
 import argparse
 import dataclasses
 import json
 import math
+import os
+import shlex
 import signal
 import sys
 import time
@@ -20,7 +28,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import blas, data, export, models, nn, ops, optim, quant
+from . import blas, cli, data, export, models, nn, ops, optim, quant, safeguards
 from .evaluate import TTA_MODES, predict_logits
 from .errors import NanoQ4Error
 from .tensor import Tensor, no_grad
@@ -64,6 +72,9 @@ class TrainConfig:
     threads: int = None                 # Numba and BLAS threads (None: all cores)
     progress: bool = True               # per-epoch progress bar
     max_steps_per_epoch: int = None     # for smoke tests: cut each epoch short
+    overwrite: bool = False             # replace a run already in `out` (else refused: data loss)
+    allow_changes: bool = False         # resume with settings that differ from the checkpoint's (else refused)
+    divergence_factor: float = 4.0      # stop if the loss stays above this x its first value (safeguards.py); 0: off
 
     def resolved_lr(self):
         return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
@@ -73,31 +84,65 @@ PAPER_RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=5e-4, grad_clip=0.5
                     schedule="cosine", warmup_epochs=0.0, epochs=150, batch_size=128, augment=True,
                     per_channel=False, label_smoothing=0.0, dropout=0.5, tta="none")
 
-# Settings that must agree between a checkpoint and the run resuming it.
+# Resuming: every setting comes from the checkpoint's config unless given (typed on the command
+# line). RESUME_KEYS must then agree with the checkpoint even with --allow-changes (the saved state
+# or the data order would not fit); RESUME_FREE may differ freely (they do not change the training);
+# RUN_ENVIRONMENT describes this process, not the run, and is never taken from the checkpoint; any
+# other setting (lr, schedule, augmentation, ...) may differ only with --allow-changes.
 RESUME_KEYS = ("dataset", "model", "bits", "per_channel", "fp32", "coarse", "batch_size", "seed", "epochs",
-               "optimizer", "dropout")
+               "optimizer", "dropout", "max_steps_per_epoch")
+RESUME_FREE = ("data_dir", "download", "progress", "divergence_factor")
+RUN_ENVIRONMENT = ("out", "resume", "threads", "overwrite", "allow_changes")
 
 
 def validate(cfg):
+    """Refuse any setting outside its domain, as a one-line NanoQ4Error naming the flag, before
+    any work starts (no folder made, no data read)."""
+    safeguards.check_domains(cfg)
     if cfg.model not in models.MODELS:
         raise NanoQ4Error(f"unknown model {cfg.model!r}; choose one of: {', '.join(models.MODELS)}")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise NanoQ4Error(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
     if cfg.schedule not in ("onecycle", "cosine", "constant"):
         raise NanoQ4Error(f"unknown schedule {cfg.schedule!r}; choose onecycle, cosine or constant")
-    if cfg.epochs <= 0:
-        raise NanoQ4Error(f"--epochs must be > 0, got {cfg.epochs}")
-    if cfg.batch_size <= 1:
-        raise NanoQ4Error(f"--batch-size must be > 1 (batch norm needs a batch), got {cfg.batch_size}")
-    quant.qmax(cfg.bits)
-    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
-        raise NanoQ4Error(f"--grad-clip must be > 0, got {cfg.grad_clip}")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise NanoQ4Error(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if not 0 <= cfg.dropout < 1:
-        raise NanoQ4Error(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.tta not in TTA_MODES:
         raise NanoQ4Error(f"unknown --tta {cfg.tta!r}; choose one of: {', '.join(TTA_MODES)}")
+    data.check_dataset_spec(cfg.dataset, cfg.coarse)
+    for name in ("out", "resume", "data_dir"):
+        value = getattr(cfg, name)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise NanoQ4Error(f"{safeguards.flag_name(name)} must be a path, got {value!r}")
+    if cfg.out is not None and not str(cfg.out).strip():
+        raise NanoQ4Error("--out is empty; name the run folder (or leave --out out for a new one under runs/)")
+
+
+def resumed_config(cfg, saved, given=None):
+    """The config a resumed run continues with: the checkpoint's `saved` config (a dict), except
+    for the RUN_ENVIRONMENT and the settings named in `given` (None: all of them), taken from cfg.
+    Given settings that differ from the checkpoint's are refused, naming them: RESUME_KEYS always,
+    the others unless cfg.allow_changes. -> (config, {name: (checkpoint's, new)} allowed changes)."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    given = set(names if given is None else given)
+    known = [k for k in names if k in saved and k not in RUN_ENVIRONMENT]
+    new = dataclasses.replace(cfg, **{k: saved[k] for k in known if k not in given})
+    old = dataclasses.replace(new, **{k: saved[k] for k in known})
+
+    def setting(c, k):
+        return c.resolved_lr() if k == "lr" else getattr(c, k)
+
+    differ = {k: (setting(old, k), setting(new, k)) for k in known
+              if k in given and k not in RESUME_FREE and setting(old, k) != setting(new, k)}
+    if not differ:
+        return new, {}
+    listing = ", ".join(f"{k}={a!r} (given {b!r})" for k, (a, b) in differ.items())
+    refusal = (f"checkpoint {cfg.resume} was trained with different settings ({listing}); resume with the same "
+               f"flags or leave them out to take the checkpoint's")
+    fixed = [safeguards.flag_name(k) for k in differ if k in RESUME_KEYS]
+    if fixed:
+        raise NanoQ4Error(f"{refusal} ({', '.join(fixed)} cannot change within a run)")
+    if not cfg.allow_changes:
+        raise NanoQ4Error(f"{refusal}, or pass --allow-changes to train on with the new values")
+    return new, differ
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -114,11 +159,18 @@ def make_optimizer(model, cfg):
     return opt
 
 
+def warmup_steps(cfg, steps_per_epoch):
+    """The warm-up in steps. It never takes more than 30% of the run (as PyTorch's OneCycleLR),
+    so even a one-epoch run decays to zero and ends on its best-tuned weights."""
+    if cfg.schedule == "constant":
+        return 0
+    warmup = int(round(min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch))
+    return min(warmup, int(0.3 * cfg.epochs * steps_per_epoch))
+
+
 def make_schedule(cfg, steps_per_epoch):
     total = cfg.epochs * steps_per_epoch
-    # The warm-up never takes more than 30% of the run (as PyTorch's OneCycleLR), so even a
-    # one-epoch run decays to zero and ends on its best-tuned weights.
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), int(0.3 * total))
+    warmup = warmup_steps(cfg, steps_per_epoch)
     lr = cfg.resolved_lr()
     if cfg.schedule == "onecycle":
         return optim.one_cycle_schedule(lr, total, max(1, warmup))
@@ -198,8 +250,14 @@ def set_threads(threads):
 
 
 def _default_out(cfg):
+    """runs/<time>-<dataset>-<model>, with a -2, -3, ... suffix if a run started in the same second."""
     name = cfg.dataset.replace("folder:", "folder-").replace("/", "_").replace(":", "_")
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{cfg.model}"
+    base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{cfg.model}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def log(msg):
@@ -207,11 +265,12 @@ def log(msg):
 
 
 class _StopRequest:
-    """While active, Ctrl-C (SIGINT) and SIGTERM only set a flag that the loop checks between
-    steps, so the checkpoint it then saves is consistent. A second Ctrl-C stops at once."""
+    """While active, Ctrl-C (SIGINT) and SIGTERM only set a flag (and remember which signal, for
+    the exit code) that the loop checks between steps, so the checkpoint it then saves is
+    consistent. A second signal stops at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signum = False, None
         self.previous = {}
 
     def __enter__(self):
@@ -223,8 +282,8 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise cli.Interrupted(signum)
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -233,21 +292,25 @@ class _StopRequest:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg):
-    """Train per `cfg` and return the history (one dict per epoch). Writes into cfg.out."""
-    validate(cfg)
-    set_threads(cfg.threads)
-    checkpoint = export.load_checkpoint(cfg.resume) if cfg.resume else None
-    if checkpoint is not None:
-        saved = checkpoint["config"]
-        clash = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-        if clash:
-            raise NanoQ4Error(f"checkpoint {cfg.resume} was trained with different settings "
-                              f"({', '.join(f'{k}={saved.get(k)!r}' for k in clash)}); resume with the same flags")
-    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, coarse=cfg.coarse)
+def train(cfg, given=None):
+    """Train per `cfg` and return the history (one dict per epoch). Writes into cfg.out.
+
+    With cfg.resume the run continues from that checkpoint: settings not named in `given` (the
+    CLI passes the flags typed; None: all) come from the checkpoint's config, given ones that
+    differ from it are refused unless cfg.allow_changes (see resumed_config)."""
+    checkpoint, changes = None, {}
+    if cfg.resume:
+        safeguards.check_domains(cfg)  # the given values; the others (dataset, ...) come from the checkpoint
+        checkpoint = safeguards.check_resumable(cfg.resume, export.load_checkpoint(cfg.resume))
+        cfg, changes = resumed_config(cfg, checkpoint["config"], given)
+    validate(cfg)  # on resume, what came from the checkpoint must fit today's domains too
     out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else _default_out(cfg))
-    out.mkdir(parents=True, exist_ok=True)  # only once the data is there: a bad flag leaves no folder
-    cfg.out = str(out)
+    replacing = safeguards.check_run_folder(out, cfg)
+    set_threads(cfg.threads)
+    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, coarse=cfg.coarse)
+    if dataset.num_classes < 2:
+        raise NanoQ4Error(f"{dataset.name} has {dataset.num_classes} class ({dataset.classes[0]}); a classifier "
+                          f"needs at least 2")
 
     nn.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, dataset.num_classes, quantize=not cfg.fp32, bits=cfg.bits,
@@ -257,24 +320,56 @@ def train(cfg):
                               augment=cfg.augment, shuffle=True, seed=cfg.seed, prefetch=True)
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     schedule = make_schedule(cfg, steps_per_epoch)
-    ckpt_path, metrics_path = out / "checkpoint.ckpt", out / "metrics.jsonl"
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    watch = safeguards.DivergenceWatch(cfg.divergence_factor, dataset.num_classes,
+                                       safeguards.majority_share(dataset.y_train),
+                                       safeguards.majority_share(dataset.y_test),
+                                       checkpoint.get("divergence") if checkpoint else None)
 
     history, prev_codes, start_epoch, start_batch, partial = [], {}, 0, 0, None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        opt.load_state_dict(checkpoint["optimizer"])
-        nn.set_rng_state(checkpoint["rng"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            opt.load_state_dict(checkpoint["optimizer"])
+            nn.set_rng_state(checkpoint["rng"])
+        except (NanoQ4Error, ValueError, TypeError, KeyError) as e:
+            raise NanoQ4Error(f"checkpoint {cfg.resume} does not fit this run ({e})") from None
         history, prev_codes = checkpoint["history"], checkpoint["prev_codes"]
         start_epoch, start_batch, partial = checkpoint["epoch"], checkpoint["batch"], checkpoint["partial"]
+    safeguards.make_run_folder(out, replacing)  # only now: every refusal above leaves no folder behind
+    cfg.out = str(out)
+    ckpt_path, metrics_path = out / "checkpoint.ckpt", out / "metrics.jsonl"
+    last_good = cfg.resume  # a checkpoint that really resumes this run (None: none yet)
+    if checkpoint is not None:
         log(f"resumed {cfg.resume} at epoch {start_epoch + 1}, batch {start_batch}")
+        if changes:
+            log("settings changed on resume (--allow-changes): " +
+                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     else:
         write_metrics(metrics_path, cfg, history)
         grid_summary(model, cfg, prev_codes)  # flip rates of epoch 1 are relative to the initial weights
 
-    def save(epoch, batch, running):
-        export.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
-                               rng=nn.get_rng_state(), history=history, prev_codes=prev_codes,
-                               epoch=epoch, batch=batch, partial=running, config=dataclasses.asdict(cfg))
+    def check_finite(when, **parts):
+        broken = [name.replace("_", " ") for name, part in parts.items() if not safeguards.all_finite(part)]
+        if broken:
+            raise NanoQ4Error(f"the {' and the '.join(broken)} became non-finite {when}; "
+                              f"{safeguards.recovery_hint(last_good)}")
+
+    def save(epoch, batch, running, when):
+        """Write the checkpoint -> True. Anything non-finite in it stops the run (NanoQ4Error) and
+        a loss above the divergence limit skips the write (False): the last good one stays."""
+        nonlocal last_good
+        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=nn.get_rng_state(), history=history,
+                     prev_codes=prev_codes, epoch=epoch, batch=batch, partial=running, divergence=watch.state(),
+                     config=dataclasses.asdict(cfg))
+        check_finite(when, weights=state["model"], optimizer_state=state["optimizer"], metrics=history,
+                     running_loss=running)
+        if watch.loss_above_limit():
+            log(f"checkpoint not updated {when}: {watch.loss_report()}; kept {last_good or 'none'}")
+            return False
+        export.save_checkpoint(ckpt_path, **state)
+        last_good = ckpt_path
+        return True
 
     log(f"nanoq4: {cfg.model} ({model.num_parameters():,} parameters, "
          f"{'float32' if cfg.fp32 else f'{cfg.bits}-bit weights'}) on {dataset.name}: "
@@ -297,17 +392,25 @@ def train(cfg):
                     continue
                 if stop.requested:
                     bar.close()
-                    save(epoch, k, (loss_sum, correct, seen))
-                    log(f"\ninterrupted: saved {ckpt_path}; continue with: python -m nanoq4.train --resume {ckpt_path}")
-                    raise KeyboardInterrupt
+                    saved = save(epoch, k, (loss_sum, correct, seen), f"before epoch {epoch + 1} step {k + 1}")
+                    log(f"\ninterrupted: {'saved' if saved else 'kept'} {last_good}; continue with: python -m "
+                        f"nanoq4.train --resume {shlex.quote(str(last_good))}" if last_good else
+                        "\ninterrupted before any checkpoint could be saved")
+                    raise cli.Interrupted(stop.signum)
                 opt.lr = schedule(step)
-                logits = model(Tensor(xb))
-                loss = ops.cross_entropy(logits, yb, cfg.label_smoothing)
+                try:
+                    logits = model(Tensor(xb))
+                    loss = ops.cross_entropy(logits, yb, cfg.label_smoothing)
+                except NanoQ4Error as e:  # quantizing weights that the previous step made non-finite
+                    raise NanoQ4Error(f"{e} (epoch {epoch + 1} step {k + 1}); "
+                                      f"{safeguards.recovery_hint(last_good)}") from None
                 loss_value = float(loss.data)
                 if not math.isfinite(loss_value):
-                    raise NanoQ4Error(f"loss became {loss_value} at epoch {epoch + 1} step {k + 1}; last good "
-                                      f"checkpoint: {ckpt_path if ckpt_path.exists() else 'none'} (try a lower --lr "
-                                      f"or --grad-clip)")
+                    raise NanoQ4Error(f"loss became {loss_value} at epoch {epoch + 1} step {k + 1}; "
+                                      f"{safeguards.recovery_hint(last_good)}")
+                if watch.loss_diverged(loss_value):
+                    raise NanoQ4Error(f"training diverged at epoch {epoch + 1} step {k + 1}: "
+                                      f"{watch.loss_report()}; {safeguards.recovery_hint(last_good)}")
                 opt.zero_grad()
                 loss.backward()
                 if cfg.grad_clip:
@@ -319,20 +422,30 @@ def train(cfg):
                 seen += len(yb)
                 bar.update(len(yb), loss_sum / seen, correct / seen)
             bar.close()
+            when = f"during epoch {epoch + 1} (by its step {steps_per_epoch})"
+            check_finite(when, weights=model.state_dict(), optimizer_state=opt.state_dict())
             train_time = time.perf_counter() - epoch_start
             test_loss, test_acc, _ = evaluate(model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std)
             stats = grid_summary(model, cfg, prev_codes)
             record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
                           test_loss=test_loss, test_acc=test_acc, lr=opt.lr, epoch_time=time.perf_counter() - epoch_start,
                           train_images_per_s=seen / train_time, grid=stats)
+            if watch.at_chance(record["train_acc"], test_acc, step - warmup):
+                raise NanoQ4Error(f"training diverged: epoch {epoch + 1} (step {step}) ends at chance level "
+                                  f"{step - warmup} steps after the warm-up (train accuracy "
+                                  f"{record['train_acc']:.1%}, test {test_acc:.1%}; always guessing the commonest "
+                                  f"class gives {watch.chance_test:.1%}); {safeguards.recovery_hint(last_good)}")
+            if changes:  # the first epoch finished under settings changed on resume says so
+                record["changed_settings"] = {k: list(v) for k, v in changes.items()}
+                changes = {}
             if epoch + 1 == cfg.epochs and cfg.tta != "none":  # the final model only: TTA costs a pass per view
                 record["test_acc_tta"] = evaluate(model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
                                                   cfg.tta)[1]
                 record["epoch_time"] = time.perf_counter() - epoch_start
             history.append(record)
+            save(epoch + 1, 0, None, when)
             write_metrics(metrics_path, cfg, history)
             plot_curves(history, out / "curves.png")
-            save(epoch + 1, 0, None)
             log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%} | "
                  f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {opt.lr:.2e} | {format_grid(stats)} | "
                  f"{record['epoch_time']:.0f}s ({record['train_images_per_s']:.0f} img/s)")
@@ -381,15 +494,16 @@ class _progress:
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m nanoq4.train",
         description="Train a 4-bit quantized CNN on the CPU and export it as a packed int4 model file. "
                     f"Defaults: VGG4bit on CIFAR-10, {DEFAULT_EPOCHS} epochs of SGD with Nesterov momentum and a "
                     "one-cycle schedule, batch 256, per-channel 4-bit scales, label smoothing 0.2, dropout 0.2, "
                     "flip-translate test-time augmentation of the final model (README lists measured results).")
     d = TrainConfig()
-    p.add_argument("--dataset", default=d.dataset, help="cifar10, cifar100, synthetic or folder:PATH (default %(default)s)")
-    p.add_argument("--model", default=d.model, help="vgg4bit or simpleresnet4bit (default %(default)s)")
+    # No argparse defaults: a flag that was not typed is None, so --resume can take it from the checkpoint.
+    p.add_argument("--dataset", help=f"cifar10, cifar100, synthetic or folder:PATH (default {d.dataset})")
+    p.add_argument("--model", help=f"vgg4bit or simpleresnet4bit (default {d.model})")
     p.add_argument("--recipe", choices=["paper"], help="paper: the paper's settings (AdamW lr 1e-3, weight decay "
                    "5e-4, grad clip 0.5, tanh a=3, cosine annealing, 150 epochs, batch 128, crop+flip); explicit "
                    "flags still override")
@@ -420,16 +534,32 @@ def build_parser():
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--data-dir", help="data folder (default $NANOQ4_DATA, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never download missing data")
-    p.add_argument("--out", help="run folder (default a new folder under runs/)")
+    p.add_argument("--out", help="run folder (default a new folder under runs/); a folder that already holds a run "
+                   "is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoint, metrics and model file are deleted)")
     p.add_argument("--resume", nargs="?", const="", metavar="PATH",
-                   help="continue from a checkpoint (without PATH: OUT/checkpoint.ckpt, needs --out)")
-    p.add_argument("--threads", type=int, help="CPU threads for Numba and BLAS (default: all cores)")
+                   help="continue from a checkpoint (without PATH: OUT/checkpoint.ckpt, needs --out); settings not "
+                        "given come from the checkpoint, given ones that differ from it are refused")
+    fixed = ", ".join(safeguards.flag_name(k) for k in RESUME_KEYS if k != "max_steps_per_epoch")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: train on with given settings that differ from the checkpoint's (learning "
+                        f"rate, schedule, augmentation, ...); {fixed} never change within a run")
+    p.add_argument("--divergence-factor", type=float,
+                   help=f"stop, keeping the last good checkpoint, when {safeguards.DIVERGENCE_HITS} of the last "
+                        f"{safeguards.DIVERGENCE_WINDOW} training losses exceed this x the first one, or when the "
+                        f"accuracy is still at chance level {safeguards.CHANCE_MIN_STEPS} steps after the warm-up; "
+                        f"0: never (default {d.divergence_factor})")
+    p.add_argument("--threads", type=int, help="CPU threads for Numba and BLAS, 1 to the number of cores "
+                   "(default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     return p
 
 
-def config_from_args(argv=None):
+def flag_values(argv=None):
+    """{setting: value} of the flags typed on the command line (--recipe paper counts as typing
+    its settings); what main passes to train as `given`."""
     args = build_parser().parse_args(argv)
     values = dict(PAPER_RECIPE) if args.recipe == "paper" else {}
     flag_names = {"no_augment": ("augment", False), "no_tanh_clip": ("tanh_clip", False),
@@ -445,18 +575,23 @@ def config_from_args(argv=None):
         if not values.get("out"):
             raise NanoQ4Error("--resume without a PATH needs --out DIR (the run folder holding checkpoint.ckpt)")
         values["resume"] = str(Path(values["out"]) / "checkpoint.ckpt")
-    return TrainConfig(**values)
+    return values
+
+
+def config_from_args(argv=None):
+    """The TrainConfig of the command line alone (when resuming, train() fills in the rest)."""
+    return TrainConfig(**flag_values(argv))
 
 
 def main(argv=None):
-    try:
-        train(config_from_args(argv))
-    except NanoQ4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    """The CLI: exit code 0, 2 on a refused input (one line on stderr), 130 on Ctrl-C, 143 on SIGTERM."""
+    def body():
+        values = flag_values(argv)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught by name
+            train(TrainConfig(**values), given=values)
+        return 0
+
+    return cli.run_command(body, memory_hint="lower --batch-size")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,34 @@
-"""The command lines: `python -m nanoq4.train` (help, flags, refusals with exit code 2),
-`python -m nanoq4.evaluate` and `python -m nanoq4.predict` on an exported model file."""
+"""The command lines: `python -m nanoq4.train` (help, flags, refusals with exit code 2 before
+any work, the run-folder guard, exit codes of signals), `python -m nanoq4.evaluate` and
+`python -m nanoq4.predict` on an exported model file."""
 import contextlib
+import importlib.util
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from nanoq4 import data, evaluate, export, predict
+from nanoq4 import cli, data, evaluate, export, models, nn, predict, safeguards
+from nanoq4.errors import NanoQ4Error
 from nanoq4.train import PAPER_RECIPE, TrainConfig, config_from_args, main
+from test_data import CIFAR10_NAMES, write_cifar10, write_png_16_bit
 
 QUICK = ["--dataset", "synthetic", "--model", "simpleresnet4bit", "--epochs", "1", "--max-steps-per-epoch", "4",
          "--batch-size", "32", "--no-progress"]
 DOCUMENTED_FLAGS = ["--dataset", "--model", "--epochs", "--batch-size", "--optimizer", "--recipe", "--lr",
                     "--weight-decay", "--grad-clip", "--tanh-alpha", "--no-tanh-clip", "--bits", "--fp32",
                     "--label-smoothing", "--seed", "--data-dir", "--out", "--resume", "--threads", "--dropout",
-                    "--tta", "--per-channel", "--no-per-channel"]
+                    "--tta", "--per-channel", "--no-per-channel", "--overwrite", "--allow-changes",
+                    "--divergence-factor"]
 
 
 def run_cli(entry, argv, capsys):
@@ -38,6 +47,14 @@ def assert_one_line_error(err):
     assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
     assert lines[0].startswith("error: ")
     return lines[0]
+
+
+def no_data_loading(*args, **kwargs):
+    raise AssertionError("data was loaded before every flag was checked")
+
+
+def no_model_loading(*args, **kwargs):
+    raise AssertionError("the model file was read before every flag was checked")
 
 
 # ----------------------------------------------------------------------------- help
@@ -103,6 +120,7 @@ def test_explicit_flags_override_the_recipe():
 @pytest.mark.parametrize("flag, field, value", [
     ("--no-tanh-clip", "tanh_clip", False), ("--fp32", "fp32", True), ("--no-per-channel", "per_channel", False),
     ("--no-download", "download", False), ("--no-progress", "progress", False), ("--no-augment", "augment", False),
+    ("--overwrite", "overwrite", True), ("--allow-changes", "allow_changes", True),
 ])
 def test_switch_sets_its_config_field(flag, field, value):
     assert getattr(config_from_args([flag]), field) == value
@@ -159,12 +177,184 @@ def test_bad_flag_ends_with_one_line_and_exit_code_2(case, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [["--optimizer", "rmsprop"], ["--recipe", "fast"], ["--epochs", "two"],
-                                   ["--tta", "rotate"],
-                                   ["--schedule", "linear"], ["--no-such-flag"]])
-def test_argparse_refusal_exits_2(flags, capsys):
+                                   ["--schedule", "linear"], ["--no-such-flag"], ["--threads", "1.5"],
+                                   ["--lr", "fast"], ["--seed", ""], ["--tta", "rotate"]])
+def test_argparse_refusal_is_one_line_and_exit_code_2(flags, capsys):
     code, _, err = run_cli(main, QUICK + flags, capsys)
     assert code == 2
-    assert "error:" in err
+    assert_one_line_error(err)
+
+
+# Every numeric flag outside its domain (NaN and infinities included): refused before the data is
+# read or a folder is made.
+OUT_OF_DOMAIN = {
+    "lr 0": (["--lr", "0"], "--lr"),
+    "lr negative": (["--lr", "-0.1"], "--lr"),
+    "lr nan": (["--lr", "nan"], "--lr"),
+    "lr infinite": (["--lr", "inf"], "--lr"),
+    "lr overflowing to infinity": (["--lr", "1e999"], "--lr"),
+    "seed negative": (["--seed", "-1"], "--seed"),
+    "threads 0": (["--threads", "0"], "--threads"),
+    "threads negative": (["--threads", "-2"], "--threads"),
+    "threads beyond the cores": (["--threads", str(safeguards.available_cores() + 1)], "--threads"),
+    "grad clip negative": (["--grad-clip", "-1"], "--grad-clip"),
+    "grad clip infinite": (["--grad-clip", "inf"], "--grad-clip"),
+    "grad clip nan": (["--grad-clip", "nan"], "--grad-clip"),
+    "warm-up negative": (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    "warm-up nan": (["--warmup-epochs", "nan"], "--warmup-epochs"),
+    "weight decay negative": (["--weight-decay", "-1e-4"], "--weight-decay"),
+    "weight decay infinite": (["--weight-decay", "inf"], "--weight-decay"),
+    "tanh alpha 0": (["--tanh-alpha", "0"], "--tanh-alpha"),
+    "tanh alpha infinite": (["--tanh-alpha", "inf"], "--tanh-alpha"),
+    "tanh relative negative": (["--tanh-relative", "-3"], "--tanh-relative"),
+    "label smoothing negative": (["--label-smoothing", "-0.1"], "--label-smoothing"),
+    "label smoothing nan": (["--label-smoothing", "nan"], "--label-smoothing"),
+    "dropout 1": (["--dropout", "1"], "--dropout"),
+    "dropout negative": (["--dropout", "-0.5"], "--dropout"),
+    "epochs negative": (["--epochs", "-3"], "--epochs"),
+    "epochs beyond counting": (["--epochs", "1" + "0" * 400], "--epochs"),
+    "batch size 0": (["--batch-size", "0"], "--batch-size"),
+    "bits 0": (["--bits", "0"], "--bits"),
+    "max steps 0": (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch"),
+    "divergence factor below 1": (["--divergence-factor", "0.5"], "--divergence-factor"),
+    "divergence factor nan": (["--divergence-factor", "nan"], "--divergence-factor"),
+    "coarse labels of synthetic data": (["--coarse"], "coarse"),
+    "empty out": (["--out", ""], "--out"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_DOMAIN))
+def test_flag_out_of_its_domain_is_refused_before_any_work(case, tmp_path, monkeypatch, capsys):
+    flags, fragment = OUT_OF_DOMAIN[case]
+    monkeypatch.setattr(data, "load_dataset", no_data_loading)
+    code, _, err = run_cli(main, QUICK + ["--out", str(tmp_path / "run")] + flags, capsys)
+    assert code == 2
+    assert fragment in assert_one_line_error(err)
+    assert not (tmp_path / "run").exists(), "a refused run must leave no folder"
+
+
+def test_library_config_of_the_wrong_type_is_refused_naming_the_flag(tmp_path):
+    from nanoq4.train import train
+    for field, value in (("epochs", 2.5), ("batch_size", "32"), ("lr", "0.1"), ("seed", True)):
+        cfg = TrainConfig(dataset="synthetic", out=str(tmp_path / "run"), **{field: value})
+        with pytest.raises(NanoQ4Error, match="--" + field.replace("_", "-")):
+            train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_and_predict_refuse_bad_flags_before_reading_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load_dataset", no_data_loading)
+    monkeypatch.setattr(evaluate, "load_model", no_model_loading)
+    monkeypatch.setattr(predict, "load_model", no_model_loading)
+    model, image = str(tmp_path / "model.nq4"), str(tmp_path / "cat.png")
+    cases = [
+        (predict.main, [model, image, "--top", "0"], "--top"),
+        (predict.main, [model, image, "--top", "-3"], "--top"),
+        (predict.main, [model, image, "--top", "many"], "--top"),
+        (predict.main, [model], "images"),
+        (evaluate.main, [model, "--tta", "rotate"], "--tta"),
+        (evaluate.main, [model, "--dataset", "imagenet"], "imagenet"),
+        (evaluate.main, [model, "--dataset", "cifar10", "--coarse"], "coarse"),
+        (evaluate.main, [model, "--dataset", "synthetic", "--plot", str(tmp_path / "missing" / "c.png")], "--plot"),
+        (evaluate.main, [model, "--dataset", "synthetic", "--plot", str(tmp_path)], "--plot"),
+    ]
+    for entry, argv, fragment in cases:
+        code, _, err = run_cli(entry, argv, capsys)
+        assert code == 2, argv
+        assert fragment in assert_one_line_error(err), argv
+
+
+def test_download_script_refuses_an_unknown_dataset_before_downloading(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "data_scripts" / "download_cifar.py"
+    spec = importlib.util.spec_from_file_location("download_cifar", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code, _, err = run_cli(script.main, ["cifar10", "imagenet", "--data-dir", str(tmp_path / "data")], capsys)
+    assert code == 2
+    assert "imagenet" in assert_one_line_error(err)
+    assert not (tmp_path / "data").exists()
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def test_out_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load_dataset", no_data_loading)
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        code, _, err = run_cli(main, QUICK + ["--out", str(out)], capsys)
+        assert code == 2
+        line = assert_one_line_error(err)
+        assert str(tmp_path / "notes.txt") in line and "--out" in line
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_out_in_a_read_only_folder_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load_dataset", no_data_loading)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, err = run_cli(main, QUICK + ["--out", str(locked / "run")], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert code == 2
+    assert "permission" in assert_one_line_error(err)
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("held", ["checkpoint.ckpt", "metrics.jsonl", "model.nq4"])
+def test_new_run_into_a_folder_holding_a_run_is_refused_and_touches_nothing(held, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / held).write_bytes(b"the earlier run's file")
+    monkeypatch.setattr(data, "load_dataset", no_data_loading)
+    code, _, err = run_cli(main, QUICK + ["--out", str(run)], capsys)
+    assert code == 2
+    line = assert_one_line_error(err)
+    assert "--resume" in line and "another --out" in line and "--overwrite" in line
+    assert [p.name for p in run.iterdir()] == [held]
+    assert (run / held).read_bytes() == b"the earlier run's file"
+
+
+def test_overwrite_replaces_the_run_in_the_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.ckpt", "metrics.jsonl", "model.nq4", "curves.png", "notes.txt"):
+        (run / name).write_bytes(b"old")
+    code, _, err = run_cli(main, QUICK + ["--out", str(run), "--overwrite", "--max-steps-per-epoch", "1"], capsys)
+    assert code == 0, err
+    assert export.load_checkpoint(run / "checkpoint.ckpt")["epoch"] == 1
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["config"]["overwrite"] is True
+    export.load_model(run / "model.nq4")
+    assert not (run / "curves.png").exists() or (run / "curves.png").read_bytes() != b"old"
+    assert (run / "notes.txt").read_bytes() == b"old", "only the run's own files are replaced"
+
+
+# ----------------------------------------------------------------------------- exit codes
+
+@pytest.mark.parametrize("raised, code", [(cli.Interrupted(signal.SIGTERM), 143), (cli.Interrupted(signal.SIGINT), 130),
+                                          (KeyboardInterrupt(), 130), (NanoQ4Error("bad input; fix it"), 2),
+                                          (MemoryError(), 2)], ids=["SIGTERM", "SIGINT", "Ctrl-C", "error", "memory"])
+def test_command_exit_codes(raised, code, capsys):
+    def body():
+        raise raised
+    assert cli.run_command(body) == code
+    err = capsys.readouterr().err
+    if code == 2:
+        assert_one_line_error(err)
+
+
+def test_sigterm_while_the_data_loads_exits_143_leaving_no_folder(tmp_path, monkeypatch, capsys):
+    def terminated_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(data, "load_dataset", terminated_while_loading)
+    code, _, _ = run_cli(main, QUICK + ["--out", str(tmp_path / "run")], capsys)
+    assert code == 143
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_cifar_folder_without_download_exits_2_naming_the_folder(tmp_path, capsys):
@@ -284,6 +474,36 @@ def test_evaluate_missing_model_exits_2_naming_it(tmp_path, capsys):
     assert str(missing) in assert_one_line_error(err)
 
 
+def cifar_model_file(path):
+    """An untrained SimpleResNet4bit exported with the CIFAR-10 class names."""
+    nn.manual_seed(0)
+    model = models.build_model("simpleresnet4bit", 10)
+    arch = dict(model="simpleresnet4bit", num_classes=10, quantize=True, bits=4, per_channel=False)
+    export.export_model(model, path, arch, CIFAR10_NAMES, data.CIFAR_MEAN, data.CIFAR_STD)
+    return path
+
+
+def test_evaluate_reads_only_the_test_split(tmp_path, capsys):
+    write_cifar10(tmp_path / "data", per_batch=6)
+    for i in range(1, 6):
+        (tmp_path / "data" / "cifar-10-batches-py" / f"data_batch_{i}").unlink()  # reading one would fail
+    model = cifar_model_file(tmp_path / "model.nq4")
+    code, out, err = run_cli(evaluate.main, [str(model), "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                                             "--no-download", "--plot", str(tmp_path / "confusion.png")], capsys)
+    assert code == 0, err
+    assert "(6 images)" in out
+
+
+def test_evaluate_refuses_a_model_trained_on_other_class_names(trained, tmp_path, capsys):
+    folder, _ = trained
+    write_cifar10(tmp_path)
+    code, _, err = run_cli(evaluate.main, [str(folder / "model.nq4"), "--dataset", "cifar10", "--data-dir",
+                                           str(tmp_path), "--no-download"], capsys)
+    assert code == 2
+    line = assert_one_line_error(err)
+    assert "'pattern0'" in line and "'airplane'" in line
+
+
 # ----------------------------------------------------------------------------- predict
 
 @pytest.fixture(scope="module")
@@ -384,3 +604,29 @@ def test_predict_with_a_damaged_model_exits_2(tmp_path, pngs, capsys):
     code, _, err = run_cli(predict.main, [str(bad), str(pngs[0][0])], capsys)
     assert code == 2
     assert str(bad) in assert_one_line_error(err)
+
+
+def test_predict_reports_each_unreadable_image_and_predicts_the_rest(trained, pngs, tmp_path, capsys):
+    folder, _ = trained
+    paths, _ = pngs
+    model = str(folder / "model.nq4")
+    missing, broken = tmp_path / "missing.png", tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    code, out, err = run_cli(predict.main, [model, str(paths[0]), str(missing), str(broken), str(paths[1])], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), err
+    assert str(missing) in lines[0] and str(broken) in lines[1]
+    _, alone, _ = run_cli(predict.main, [model, str(paths[0]), str(paths[1])], capsys)
+    assert out == alone, "the readable images are predicted as if given alone"
+
+
+def test_predict_gives_a_16_bit_image_the_classes_of_its_8_bit_twin(trained, pngs, tmp_path):
+    folder, _ = trained
+    paths, pixels = pngs
+    sixteen = tmp_path / "img0_16bit.png"
+    write_png_16_bit(sixteen, pixels[0].astype(np.uint16) * 257, color_type=2)
+    [(_, ranked16)] = predict.predict_files(folder / "model.nq4", [sixteen])
+    [(_, ranked8)] = predict.predict_files(folder / "model.nq4", [paths[0]])
+    assert [name for name, _ in ranked16] == [name for name, _ in ranked8]
+    np.testing.assert_allclose([p for _, p in ranked16], [p for _, p in ranked8], rtol=1e-5)

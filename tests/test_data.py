@@ -8,9 +8,11 @@ import http.server
 import io
 import os
 import pickle
+import struct
 import tarfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numba
@@ -22,7 +24,7 @@ from nanoq4.data import (CIFAR_MEAN, CIFAR_STD, CROP_PADDING, BatchLoader, augme
                          augment_batch_reference, channel_mean_std, download_cifar, load_cifar10,
                          load_cifar100, load_dataset, load_image, load_image_folder,
                          normalization_table, normalize_images, resolve_data_dir, safe_extract,
-                         synthetic_dataset)
+                         synthetic_dataset, to_rgb8)
 from nanoq4.errors import NanoQ4Error
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -127,6 +129,43 @@ def test_cifar100_fine_labels_by_default_coarse_on_request(tmp_path):
     np.testing.assert_array_equal(coarse.y_test, splits["test"][1] // 5)
     assert len(fine.classes) == 100 and fine.classes[7] == "fine7"
     assert len(coarse.classes) == 20 and coarse.classes[3] == "coarse3"
+
+
+def test_test_split_alone_leaves_the_cifar10_training_batches_unread(tmp_path):
+    _, _, x_test, y_test = write_cifar10(tmp_path)
+    for i in range(1, 6):
+        (tmp_path / "cifar-10-batches-py" / f"data_batch_{i}").unlink()  # reading one would fail
+    ds = load_dataset("cifar10", data_dir=tmp_path, download=False, train=False)
+    np.testing.assert_array_equal(ds.x_test, x_test)
+    np.testing.assert_array_equal(ds.y_test, y_test)
+    assert ds.x_train.shape == (0, 32, 32, 3) and ds.y_train.shape == (0,)
+    assert ds.classes == CIFAR10_NAMES
+
+
+def test_test_split_alone_leaves_the_cifar100_training_file_unread(tmp_path):
+    splits = write_cifar100(tmp_path)
+    (tmp_path / "cifar-100-python" / "train").unlink()
+    ds = load_dataset("cifar100", data_dir=tmp_path, download=False, coarse=True, train=False)
+    np.testing.assert_array_equal(ds.y_test, splits["test"][1] // 5)
+    assert len(ds.x_train) == 0 and len(ds.classes) == 20
+
+
+def test_test_split_alone_of_an_image_folder_reads_only_the_train_class_names(tmp_path):
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / split / name / "0.png")
+    (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not an image")  # reading it would fail
+    ds = load_dataset(f"folder:{tmp_path}", train=False)
+    assert ds.classes == ["cat", "dog"] and len(ds.x_train) == 0
+    np.testing.assert_array_equal(ds.y_test, [0, 1])
+
+
+def test_synthetic_test_split_is_the_same_without_the_training_images():
+    full, alone = synthetic_dataset(), synthetic_dataset(train=False)
+    np.testing.assert_array_equal(alone.x_test, full.x_test)
+    np.testing.assert_array_equal(alone.y_test, full.y_test)
+    assert len(alone.x_train) == 0 and alone.classes == full.classes
 
 
 def test_placed_archive_is_extracted_then_loaded(tmp_path):
@@ -312,6 +351,81 @@ def test_load_image_gives_rgb_uint8_of_the_requested_size(tmp_path):
         image = load_image(tmp_path / name, size=24)
         assert image.shape == (24, 24, 3) and image.dtype == np.uint8, name
     assert (load_image(tmp_path / "alpha.webp") == [255, 0, 0]).all()
+
+
+# 16-bit images: value v16 = 257 * v8 is exactly v8 in 8 bits (65535 -> 255), whether a decoder
+# scales by 255/65535 or keeps the high byte; clipping at 255 would make nearly all of it white.
+RAMP8 = (np.arange(32 * 32) % 256).astype(np.uint8).reshape(32, 32)
+
+
+def write_png_16_bit(path, samples, color_type):
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB): samples uint16 (H, W, C),
+    color_type 0 grey, 2 RGB, 6 RGBA."""
+    h, w = samples.shape[:2]
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def grey_16_bit(path, how):
+    ramp16 = RAMP8.astype(np.uint16) * 257
+    if how == "png by hand":
+        write_png_16_bit(path, ramp16[:, :, None], color_type=0)
+    elif how == "I;16 saved by Pillow":
+        Image.frombytes("I;16", (32, 32), ramp16.astype("<u2").tobytes()).save(path)
+    else:  # "I (32-bit) saved by Pillow": how 16-bit values come back from a 32-bit TIFF
+        Image.frombytes("I", (32, 32), ramp16.astype(np.int32).tobytes()).save(path)
+
+
+@pytest.mark.parametrize("how, suffix", [("png by hand", ".png"), ("I;16 saved by Pillow", ".png"),
+                                         ("I;16 saved by Pillow", ".tif"), ("I (32-bit) saved by Pillow", ".tif")])
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path, how, suffix):
+    path = tmp_path / f"grey16{suffix}"
+    grey_16_bit(path, how)
+    with Image.open(path) as img:
+        mode = img.mode
+    np.testing.assert_array_equal(load_image(path), np.repeat(RAMP8[:, :, None], 3, axis=2),
+                                  err_msg=f"{how}{suffix} (opens as mode {mode})")
+
+
+@pytest.mark.parametrize("color_type, channels", [(2, 3), (6, 4)], ids=["RGB", "RGBA"])
+def test_16_bit_colour_is_scaled_to_8_bits(tmp_path, color_type, channels):
+    rgb8 = np.stack([RAMP8, 255 - RAMP8, RAMP8 // 2], axis=2)
+    samples = rgb8.astype(np.uint16) * 257
+    if channels == 4:
+        samples = np.concatenate([samples, np.full((32, 32, 1), 65535, np.uint16)], axis=2)
+    write_png_16_bit(tmp_path / "colour16.png", samples, color_type)
+    np.testing.assert_array_equal(load_image(tmp_path / "colour16.png"), rgb8)
+
+
+def test_16_bit_grey_between_8_bit_steps_rounds_to_the_nearest(tmp_path):
+    values = np.array([[0, 128, 32896, 65400, 65535]], dtype=np.uint16)  # 32896 = 128 * 257
+    write_png_16_bit(tmp_path / "steps.png", values[:, :, None], color_type=0)
+    with Image.open(tmp_path / "steps.png") as img:
+        np.testing.assert_array_equal(np.asarray(to_rgb8(img))[0, :, 0], [0, 0, 128, 254, 255])
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"])
+def test_every_8_bit_mode_becomes_rgb_uint8(mode):
+    base = Image.fromarray(random_images(np.random.default_rng(0), 1, size=8)[0])
+    rgb = to_rgb8(base.convert(mode))
+    assert rgb.mode == "RGB" and rgb.size == (8, 8)
+    pixels = np.asarray(rgb)
+    if mode in ("RGB", "RGBA", "RGBX"):
+        np.testing.assert_array_equal(pixels, np.asarray(base))
+    if mode in ("1", "L", "LA"):
+        assert (pixels == pixels[:, :, :1]).all(), "grey stays grey"
+
+
+def test_float_images_are_read_in_0_to_255_units_clipped_and_nan_free():
+    values = np.array([[-5.0, 0.0, 127.6, 255.0, 300.0, np.nan]], dtype=np.float32)
+    rgb = np.asarray(to_rgb8(Image.frombytes("F", (6, 1), values.tobytes())))
+    np.testing.assert_array_equal(rgb[0, :, 0], [0, 0, 128, 255, 255, 0])
 
 
 def test_image_folder_dataset(tmp_path):
@@ -574,7 +688,7 @@ def real_data_root(folder):
     root = os.environ.get("NANOQ4_DATA")
     if not root or not (Path(root) / folder).is_dir():
         message = (f"real data {folder}/ not found in NANOQ4_DATA={root!r}; "
-                   f"run python /work/shared/data/materialize.py DIR and set NANOQ4_DATA=DIR")
+                   f"run python ../shared/data/materialize.py DIR and set NANOQ4_DATA=DIR")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

@@ -1,6 +1,7 @@
 """Files (nanoq4/export.py): the packed-int4 model file (.nq4) and its inference model, training
-checkpoints, and atomic writes. The format is read here by hand from its documented layout:
-8-byte magic, u32 version, u32 header length, JSON header, payload (CRC-32 in the header)."""
+checkpoints, and atomic writes. The formats are read here by hand from their documented layouts:
+.nq4: 8-byte magic, u32 version, u32 header length, JSON header, payload (CRC-32 in the header);
+.ckpt: 8-byte magic, u32 version, u64 payload length, u32 payload CRC-32, pickled payload."""
 import json
 import os
 import pickle
@@ -373,7 +374,7 @@ def test_checkpoint_round_trip_keeps_every_entry(tmp_path):
                  config={"model": "simpleresnet4bit"}, rng=nn.get_rng_state())
     export.save_checkpoint(path, **state)
     loaded = export.load_checkpoint(path)
-    assert loaded["format"] == "nanoq4-checkpoint" and loaded["version"] == 1
+    assert loaded["format"] == "nanoq4-checkpoint" and loaded["version"] == 2
     for key in ("epoch", "batch", "history", "config", "rng"):
         assert loaded[key] == state[key], key
     assert list(loaded["model"]) == list(state["model"])
@@ -403,6 +404,46 @@ def write_corrupt_checkpoint(path):
     path.write_bytes(bytes(raw))
 
 
+def test_checkpoint_starts_with_magic_version_length_and_checksum(tmp_path):
+    path = tmp_path / "run.ckpt"
+    export.save_checkpoint(path, model={"w": np.arange(10, dtype=np.float32)}, epoch=1)
+    raw = path.read_bytes()
+    version, length, crc = struct.unpack("<IQI", raw[8:24])
+    assert raw[:8] == b"NANOQ4\x00C" and version == 2
+    assert length == len(raw) - 24 and crc == zlib.crc32(raw[24:])
+    assert pickle.loads(raw[24:])["epoch"] == 1
+
+
+def test_checkpoint_with_one_flipped_bit_in_its_weights_is_refused(tmp_path):
+    """A flipped bit inside a float array still unpickles (to a wrong weight): only the checksum
+    catches it."""
+    path = tmp_path / "run.ckpt"
+    weights = np.full(1000, 0.25, dtype=np.float32)
+    export.save_checkpoint(path, model={"w": weights})
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).index(weights.tobytes()) + 2000
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+    damaged = pickle.loads(bytes(raw[24:]))["model"]["w"]
+    assert damaged[500] != 0.25, "the flipped bit must unpickle to a wrong weight, else this test proves nothing"
+    with pytest.raises(NanoQ4Error, match="damaged") as info:
+        export.load_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_version_1_checkpoints_without_a_checksum_still_load(tmp_path):
+    path = tmp_path / "old.ckpt"
+    path.write_bytes(pickle.dumps({"format": "nanoq4-checkpoint", "version": 1, "epoch": 3}))
+    assert export.load_checkpoint(path)["epoch"] == 3
+
+
+def write_checkpoint_with_a_future_header(path):
+    export.save_checkpoint(path, model={"w": np.ones(10, np.float32)})
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = struct.pack("<I", 3)
+    path.write_bytes(bytes(raw))
+
+
 BAD_CHECKPOINTS = {
     "random bytes": lambda p: p.write_bytes(os.urandom(64)),
     "a model file": lambda p: p.write_bytes(b"NANOQ4\x00M" + b"\x00" * 32),
@@ -411,6 +452,11 @@ BAD_CHECKPOINTS = {
     "truncated": write_truncated_checkpoint,
     "corrupt first byte": write_corrupt_checkpoint,
     "future version": lambda p: p.write_bytes(pickle.dumps({"format": "nanoq4-checkpoint", "version": 99})),
+    "future header version": write_checkpoint_with_a_future_header,
+    "header cut short": lambda p: p.write_bytes(b"NANOQ4\x00C\x02\x00"),
+    "bare pickle claiming version 2": lambda p: p.write_bytes(pickle.dumps({"format": "nanoq4-checkpoint",
+                                                                           "version": 2})),
+    "empty": lambda p: p.write_bytes(b""),
 }
 
 

@@ -1,5 +1,5 @@
 """One epoch of SimpleResNet4bit on the real CIFAR-10 (needs the official python-format data in
-the folder named by NANOQ4_DATA, e.g. `python /work/shared/data/materialize.py /tmp/cifar`).
+the folder named by NANOQ4_DATA, e.g. `python ../shared/data/materialize.py "$NANOQ4_DATA"`).
 Missing data skips the test locally and fails it under CI, so a CI run cannot pass silently."""
 import contextlib
 import io

@@ -1,24 +1,33 @@
 """The trainer (nanoq4/train.py) end to end on the in-memory synthetic dataset (2000 train /
 500 test images): the artefacts of a run, accuracy, exact resume after an interruption at an
-epoch boundary or mid-epoch, and the stop on a non-finite loss."""
+epoch boundary or mid-epoch (with the command it prints), resume settings, the stop on a
+non-finite loss, checkpoints never replaced by non-finite ones, and the divergence watch."""
 import contextlib
 import io
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 
 import numpy as np
 import pytest
 
-from nanoq4 import export, ops, optim
+from nanoq4 import export, ops, optim, safeguards
 from nanoq4 import train as train_module
 from nanoq4.errors import NanoQ4Error
+from nanoq4.safeguards import DivergenceWatch, all_finite
 from nanoq4.tensor import Tensor
 from nanoq4.train import TrainConfig, main, train
 
 # Two short epochs (4 steps of 32 images each) with a fixed seed: a few seconds per run.
 SMOKE = ["--dataset", "synthetic", "--model", "simpleresnet4bit", "--epochs", "2", "--max-steps-per-epoch", "4",
          "--batch-size", "32", "--seed", "5", "--no-progress"]
+# Two epochs of 8 steps: room for the divergence watch (3 of the last 5 steps) within an epoch.
+LONGER = SMOKE + ["--max-steps-per-epoch", "8"]
+# A huge learning rate whose loss explodes but stays finite: clipped gradients bound each step.
+HUGE_LR = ["--lr", "1000", "--grad-clip", "1"]
 TIMING_KEYS = {"epoch_time", "train_images_per_s"}  # wall-clock measurements, never reproducible
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "grid"}
 
@@ -29,6 +38,27 @@ def run_main(argv):
     with contextlib.redirect_stdout(out):
         code = main(argv)
     return code, out.getvalue()
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, f"expected one error line, got {err!r}"
+    return err
+
+
+def signal_after_step(n, signum, monkeypatch):
+    """Send `signum` to this process right after the n-th optimizer step of the run."""
+    real_step = optim.SGD.step
+    calls = []
+
+    def step_then_signal(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(optim.SGD, "step", step_then_signal)
+    return real_step
 
 
 def read_metrics(folder):
@@ -325,3 +355,284 @@ def test_threads_flag_sets_numba_and_blas_threads():
         numba.set_num_threads(numba_before)
         if blas_before:
             blas.set_threads(blas_before)
+
+
+# ----------------------------------------------------------------------------- signals and the printed command
+
+def test_sigterm_during_training_saves_a_checkpoint_and_exits_143(tmp_path, monkeypatch):
+    signal_after_step(3, signal.SIGTERM, monkeypatch)
+    code, _ = run_main(SMOKE + ["--out", str(tmp_path)])
+    assert code == 143
+    ckpt = export.load_checkpoint(tmp_path / "checkpoint.ckpt")
+    assert (ckpt["epoch"], ckpt["batch"]) == (0, 3)
+
+
+def test_the_printed_resume_command_continues_the_run_exactly(smoke_run, tmp_path, monkeypatch):
+    """Ctrl-C prints `python -m nanoq4.train --resume PATH`; run as printed (no other flag,
+    a folder name with a space) it ends where the uninterrupted run ends."""
+    out = tmp_path / "my run"
+    real_step = signal_after_step(3, signal.SIGINT, monkeypatch)
+    code, stdout = run_main(SMOKE + ["--out", str(out)])
+    assert code == 130
+    [command] = re.findall(r"continue with: (.+)", stdout)
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "nanoq4.train"], command
+    monkeypatch.setattr(optim.SGD, "step", real_step)
+    code, _ = run_main(argv[3:])
+    assert code == 0
+    assert_same_run(out, smoke_run[1])
+
+
+# ----------------------------------------------------------------------------- resume settings
+
+@pytest.fixture(scope="module")
+def epoch_1_checkpoint(tmp_path_factory):
+    """A LONGER run stopped (Ctrl-C) at the end of epoch 2: its checkpoint holds epoch 1. Tests
+    that resume copy it first, so it stays as made."""
+    folder = tmp_path_factory.mktemp("epoch1")
+    real_evaluate = train_module.evaluate
+    calls = []
+
+    def evaluate_then_stop_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "evaluate", evaluate_then_stop_in_epoch_2)
+        code, _ = run_main(LONGER + ["--out", str(folder)])
+    assert code == 130
+    return folder / "checkpoint.ckpt"
+
+
+def copy_checkpoint(path, folder):
+    folder.mkdir(exist_ok=True)
+    return shutil.copy(path, folder / "checkpoint.ckpt")
+
+
+RESUME_CHANGES = {  # flags that differ from the checkpoint's settings -> what the refusal names
+    "learning rate": (["--lr", "0.05"], "lr=0.1 (given 0.05)"),
+    "schedule": (["--schedule", "cosine"], "schedule='onecycle'"),
+    "augmentation": (["--no-augment"], "augment=True"),
+    "weight decay": (["--weight-decay", "0"], "weight_decay=0.0005"),
+    "label smoothing": (["--label-smoothing", "0"], "label_smoothing=0.2"),
+    "optimizer recipe": (["--recipe", "paper"], "optimizer='sgd'"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CHANGES))
+def test_resume_with_other_hyperparameters_is_refused_naming_them(case, epoch_1_checkpoint, capsys):
+    flags, named = RESUME_CHANGES[case]
+    before = epoch_1_checkpoint.read_bytes()
+    code, _ = run_main(["--resume", str(epoch_1_checkpoint)] + flags)
+    err = one_line_error(capsys)
+    assert code == 2
+    assert named in err
+    assert "--allow-changes" in err or "cannot change" in err
+    assert epoch_1_checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, named", [(["--seed", "6"], "seed=5"), (["--batch-size", "16"], "batch_size=32"),
+                                          (["--epochs", "3"], "epochs=2"), (["--model", "vgg4bit"], "model=")])
+def test_resume_never_changes_the_run_identity_even_when_allowed(flags, named, epoch_1_checkpoint, capsys):
+    code, _ = run_main(["--resume", str(epoch_1_checkpoint), "--allow-changes"] + flags)
+    err = one_line_error(capsys)
+    assert code == 2
+    assert named in err and "cannot change" in err
+
+
+def test_allow_changes_trains_on_with_the_new_settings_and_records_them(epoch_1_checkpoint, tmp_path):
+    ckpt = copy_checkpoint(epoch_1_checkpoint, tmp_path)
+    code, stdout = run_main(["--resume", str(ckpt), "--lr", "0.05", "--allow-changes"])
+    assert code == 0, stdout
+    assert "settings changed on resume" in stdout and "lr 0.1 -> 0.05" in stdout
+    config, *records = read_metrics(tmp_path)
+    assert config["config"]["lr"] == 0.05
+    assert [r.get("changed_settings") for r in records] == [None, {"lr": [0.1, 0.05]}]
+
+
+def test_resume_with_the_same_flags_typed_again_is_accepted(epoch_1_checkpoint, tmp_path):
+    ckpt = copy_checkpoint(epoch_1_checkpoint, tmp_path)
+    code, stdout = run_main(LONGER + ["--lr", "0.1", "--resume", str(ckpt)])
+    assert code == 0, stdout
+    assert "epoch 2, batch 0" in stdout
+
+
+def test_damaged_checkpoint_is_refused_on_resume(epoch_1_checkpoint, tmp_path, capsys):
+    raw = bytearray(epoch_1_checkpoint.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    damaged = tmp_path / "checkpoint.ckpt"
+    damaged.write_bytes(bytes(raw))
+    code, _ = run_main(["--resume", str(damaged)])
+    err = one_line_error(capsys)
+    assert code == 2
+    assert "damaged" in err and str(damaged) in err
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.ckpt"]
+
+
+# ----------------------------------------------------------------------------- non-finite checkpoints
+
+def blow_up_after_step(n, what, monkeypatch):
+    """Right after the n-th optimizer step, a weight or a momentum buffer becomes NaN. That step's
+    loss was computed before, so only the checkpoint guard can notice."""
+    real_step = optim.SGD.step
+    calls = []
+
+    def step_then_blow_up(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) == n:
+            target = self.parameters()[0].data if what == "weights" else self.state[0][0]
+            target.flat[0] = np.nan
+
+    monkeypatch.setattr(optim.SGD, "step", step_then_blow_up)
+    return real_step
+
+
+@pytest.mark.parametrize("what", ["weights", "optimizer state"])
+def test_blow_up_on_the_last_step_of_an_epoch_keeps_the_good_checkpoint(what, smoke_run, tmp_path, monkeypatch,
+                                                                        capsys):
+    real_step = blow_up_after_step(8, what, monkeypatch)  # the 4th and last step of epoch 2
+    code, _ = run_main(SMOKE + ["--out", str(tmp_path)])
+    err = one_line_error(capsys)
+    assert code == 2
+    assert f"the {what} became non-finite during epoch 2" in err
+    ckpt_path = tmp_path / "checkpoint.ckpt"
+    assert f"last good checkpoint {ckpt_path}" in err
+    ckpt = export.load_checkpoint(ckpt_path)
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 0), "the epoch-1 checkpoint must stay"
+    assert all_finite(ckpt["model"]) and all_finite(ckpt["optimizer"])
+    assert not (tmp_path / "model.nq4").exists()
+
+    monkeypatch.setattr(optim.SGD, "step", real_step)  # the named checkpoint really resumes the run
+    code, _ = run_main(["--resume", str(ckpt_path)])
+    assert code == 0
+    assert_same_run(tmp_path, smoke_run[1])
+
+
+def test_blow_up_before_the_first_checkpoint_says_none_was_saved(tmp_path, monkeypatch, capsys):
+    blow_up_after_step(4, "weights", monkeypatch)  # the last step of epoch 1
+    code, _ = run_main(SMOKE + ["--out", str(tmp_path)])
+    err = one_line_error(capsys)
+    assert code == 2
+    assert "no checkpoint was saved yet" in err and "--lr" in err
+    assert not (tmp_path / "checkpoint.ckpt").exists()
+
+
+def test_non_finite_metrics_never_replace_the_checkpoint(tmp_path, monkeypatch, capsys):
+    real_evaluate = train_module.evaluate
+    calls = []
+
+    def infinite_test_loss_in_epoch_2(*args, **kwargs):
+        loss, accuracy, predictions = real_evaluate(*args, **kwargs)
+        calls.append(1)
+        return (np.inf if len(calls) == 2 else loss), accuracy, predictions
+
+    monkeypatch.setattr(train_module, "evaluate", infinite_test_loss_in_epoch_2)
+    code, _ = run_main(SMOKE + ["--out", str(tmp_path)])
+    err = one_line_error(capsys)
+    assert code == 2
+    assert "the metrics became non-finite during epoch 2" in err
+    assert export.load_checkpoint(tmp_path / "checkpoint.ckpt")["epoch"] == 1
+
+
+def test_non_finite_checkpoint_of_an_older_nanoq4_is_refused_on_resume(epoch_1_checkpoint, tmp_path, capsys):
+    state = export.load_checkpoint(epoch_1_checkpoint)
+    first = next(iter(state["model"]))
+    state["model"][first] = np.full_like(state["model"][first], np.inf)
+    export.save_checkpoint(tmp_path / "checkpoint.ckpt", **{k: v for k, v in state.items()
+                                                            if k not in ("format", "version")})
+    code, _ = run_main(["--resume", str(tmp_path / "checkpoint.ckpt")])
+    err = one_line_error(capsys)
+    assert code == 2
+    assert "non-finite" in err and "model" in err
+
+
+# ----------------------------------------------------------------------------- divergence
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_huge_learning_rate_stops_as_diverged_instead_of_ending_at_chance(tmp_path, capsys):
+    code, stdout = run_main(LONGER + HUGE_LR + ["--out", str(tmp_path)])
+    err = one_line_error(capsys)
+    assert code == 2, stdout
+    assert "diverged" in err and "epoch 1" in err and "--lr" in err, err
+    assert "FINAL" not in stdout and not (tmp_path / "model.nq4").exists()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_divergence_keeps_the_last_good_checkpoint(epoch_1_checkpoint, tmp_path, capsys):
+    ckpt = copy_checkpoint(epoch_1_checkpoint, tmp_path)
+    before = ckpt.read_bytes()
+    code, stdout = run_main(["--resume", str(ckpt), "--allow-changes"] + HUGE_LR)
+    err = one_line_error(capsys)
+    assert code == 2, stdout
+    assert "diverged" in err and f"last good checkpoint {ckpt}" in err
+    assert ckpt.read_bytes() == before
+
+
+def test_healthy_run_stays_far_below_the_divergence_limit(full_epoch_run):
+    """The default recipe on synthetic data (32 steps to >90%): no stop, and its losses stay
+    under half of the limit, so the default factor 4 is not close to a healthy run."""
+    _, folder = full_epoch_run
+    state = export.load_checkpoint(folder / "checkpoint.ckpt")["divergence"]
+    limit = TrainConfig().divergence_factor * max(state["first"], np.log(10))
+    assert len(state["recent"]) == safeguards.DIVERGENCE_WINDOW
+    assert max(state["recent"]) < limit / 2, state
+
+
+def test_accuracy_at_chance_after_the_warm_up_stops_the_run(tmp_path, monkeypatch, capsys):
+    """The rule's wiring: with every accuracy counted as chance level and 4 steps required after
+    the 2-step warm-up, epoch 1 (2 steps after it) passes and epoch 2 (6 after) stops."""
+    monkeypatch.setattr(safeguards, "CHANCE_MIN_STEPS", 4)
+    monkeypatch.setattr(safeguards, "CHANCE_MARGIN", 1.0)
+    code, _ = run_main(SMOKE + ["--out", str(tmp_path)])
+    err = one_line_error(capsys)
+    assert code == 2
+    assert "chance level" in err and "epoch 2" in err
+    assert f"last good checkpoint {tmp_path / 'checkpoint.ckpt'}" in err
+    assert export.load_checkpoint(tmp_path / "checkpoint.ckpt")["epoch"] == 1
+
+
+def test_divergence_factor_0_turns_the_watch_off():
+    watch = DivergenceWatch(0, 10, 0.1, 0.1)
+    assert not any(watch.loss_diverged(loss) for loss in [2.3] + [1e6] * 10)
+    assert not watch.at_chance(0.1, 0.1, 10 ** 6) and not watch.loss_above_limit()
+
+
+def test_one_loss_spike_is_not_divergence():
+    watch = DivergenceWatch(4.0, 10, 0.1, 0.1)
+    losses = [2.3, 2.2, 50.0, 2.1, 2.0, 100.0, 1.9, 1.8, 1.7, 1.6, 1.5]
+    assert not any(watch.loss_diverged(loss) for loss in losses)
+    assert not watch.loss_above_limit(), "the spikes left the window"
+
+
+def test_three_of_five_losses_above_the_limit_are_divergence_despite_lucky_steps():
+    watch = DivergenceWatch(4.0, 10, 0.1, 0.1)
+    fired = [watch.loss_diverged(loss) for loss in [2.3, 50.0, 1.0, 50.0, 1.0, 50.0]]
+    assert fired == [False] * 5 + [True]
+    assert "above 9.21" in watch.loss_report()
+
+
+def test_divergence_limit_is_at_least_factor_times_ln_classes():
+    """A first loss below ln(classes) (label noise aside, an untrained net is near it) must not
+    make the limit tiny."""
+    watch = DivergenceWatch(4.0, 10, 0.1, 0.1)
+    assert not any(watch.loss_diverged(loss) for loss in [0.1, 5.0, 5.0, 5.0, 5.0])
+
+
+def test_divergence_watch_state_round_trips():
+    a = DivergenceWatch(4.0, 10, 0.1, 0.1)
+    for loss in (2.3, 50.0, 50.0):
+        a.loss_diverged(loss)
+    b = DivergenceWatch(4.0, 10, 0.1, 0.1, state=a.state())
+    assert a.loss_diverged(50.0) and b.loss_diverged(50.0), "the third high loss fires in both"
+
+
+def test_chance_rule_needs_the_steps_after_the_warm_up_and_both_accuracies():
+    watch = DivergenceWatch(4.0, 10, 0.1, 0.1)
+    steps = safeguards.CHANCE_MIN_STEPS
+    assert watch.at_chance(0.10, 0.11, steps)
+    assert not watch.at_chance(0.10, 0.11, steps - 1)
+    assert not watch.at_chance(0.30, 0.11, steps), "a run that learns its training set is not at chance"
+    assert not watch.at_chance(0.10, 0.25, steps)
