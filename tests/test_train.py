@@ -129,7 +129,8 @@ def test_metrics_grid_stats_cover_every_quantized_layer(smoke_run):
 def test_exported_model_loads_with_the_run_architecture(smoke_run):
     _, folder, _ = smoke_run
     model = export.load_model(folder / "model.nq4")
-    assert model.arch == dict(model="simpleresnet4bit", num_classes=10, quantize=True, bits=4, per_channel=False)
+    assert model.arch == dict(model="simpleresnet4bit", num_classes=10, quantize=True, bits=4,
+                              per_channel=TrainConfig().per_channel)
     assert model.class_names == [f"pattern{i}" for i in range(10)]
 
 
@@ -192,10 +193,12 @@ STEPS = 10  # steps per epoch in the schedule tests
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_schedule_warms_up_to_the_peak_then_decays_towards_zero(schedule):
-    lr = train_module.make_schedule(TrainConfig(schedule=schedule, epochs=3), STEPS)
+    cfg = TrainConfig(schedule=schedule, epochs=3)
+    peak = cfg.resolved_lr()
+    lr = train_module.make_schedule(cfg, STEPS)
     rates = [lr(step) for step in range(3 * STEPS)]
-    assert max(rates) == pytest.approx(0.05)
-    assert rates[0] < 0.05 and rates[-1] < 0.05 * 0.1
+    assert max(rates) == pytest.approx(peak)
+    assert rates[0] < peak and rates[-1] < peak * 0.1
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
