@@ -99,7 +99,7 @@ def grid_histogram(name, w, bits):
         ax.set_yscale("log")
         ax.set_ylim(0.5, counts.max() * 2)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("latent float weight (red: grid levels -7..7 times s)", fontsize=8)
+        ax.set_xlabel(f"latent float weight (red: the grid levels -{q}..{q} times s)", fontsize=8)
         ax.legend(fontsize=7, loc="upper right")
     for per_channel, shift, label in ((False, -0.2, "one scale per layer"), (True, 0.2, "one scale per channel")):
         codes, _ = quant.quantize(w, bits, per_channel)
