@@ -88,7 +88,7 @@ def grid_histogram(name, w, bits):
     panels = [(w.ravel(), s_layer, f"{name}: all {w.size:,} weights,\none scale max|W|/{q} = {s_layer:.4f}"),
               (w[c].ravel(), float(s_channel[c]), f"output channel {c} ({w[c].size} weights),\n"
                                                   f"its own scale = {s_channel[c]:.4f}")]
-    for ax, values, s, title in panels:
+    for ax, (values, s, title) in zip(axes, panels):
         counts, edges, _ = ax.hist(values, bins=120, color="tab:blue", alpha=0.8)
         sigma = float(np.sqrt(np.mean(np.square(values, dtype=np.float64))))
         x = np.linspace(edges[0], edges[-1], 400)
@@ -281,9 +281,11 @@ def main(argv=None):
     winograd_tile()
     lr_schedules()
     if args.metrics:
-        curves(read_metrics(args.metrics), args.metrics)
+        run = Path(args.metrics).resolve().parent.name  # the run folder's name, never a machine's path
+        curves(read_metrics(args.metrics), f"run {run}")
     else:
-        curves(checkpoint["history"], args.checkpoint or "a 4-step synthetic run (not a result)")
+        curves(checkpoint["history"], f"run {Path(args.checkpoint).resolve().parent.name}" if args.checkpoint
+               else "a 4-step synthetic run (not a result)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def cifar_folder():
 def test_one_epoch_of_simple_resnet_on_cifar10_reaches_40_percent(tmp_path):
     data_dir = cifar_folder()
     cfg = TrainConfig(dataset="cifar10", model="simpleresnet4bit", epochs=1, data_dir=data_dir, download=False,
-                      progress=False, out=str(tmp_path))
+                      progress=False, out=str(tmp_path), tta="none")  # TTA: test_realdata_recipe.py
     start = time.perf_counter()
     log = io.StringIO()
     with contextlib.redirect_stdout(log):

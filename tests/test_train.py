@@ -136,8 +136,10 @@ def test_exported_model_loads_with_the_run_architecture(smoke_run):
 
 def test_output_reports_the_final_test_accuracy(smoke_run):
     _, folder, stdout = smoke_run
-    final = read_metrics(folder)[-1]["test_acc"]
-    assert f"FINAL test accuracy (epoch 2): {final:.2%}" in stdout
+    final = read_metrics(folder)[-1]
+    assert TrainConfig().tta != "none", "the smoke run should exercise the default test-time augmentation"
+    assert (f"FINAL test accuracy (epoch 2): {final['test_acc_tta']:.2%} with test-time augmentation "
+            f"{TrainConfig().tta} ({final['test_acc']:.2%} without)") in stdout
 
 
 def test_output_reports_the_model_sizes(smoke_run):
