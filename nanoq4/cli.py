@@ -1,6 +1,7 @@
-"""What the three command lines (train, evaluate, predict) share: a user error is one line
-`error: ...` on stderr with exit code 2 (argparse's own refusals too), and Ctrl-C / SIGTERM end
-with 130 / 143, i.e. 128 + the signal number, as a shell reports a process the signal stopped."""
+"""What the command lines (train, evaluate, predict, export_onnx, the data and benchmark scripts)
+share: a user error is one line `error: ...` on stderr with exit code 2 (argparse's own refusals
+too), and Ctrl-C / SIGTERM end with 130 / 143, i.e. 128 + the signal number, as a shell reports a
+process the signal stopped."""
 import argparse
 import signal
 import sys

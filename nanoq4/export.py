@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quant
+from . import data, quant
+from .nn import QuantizedWeight
 from .errors import NanoQ4Error
 from .models import build_model, quantized_layers
 from .tensor import no_grad
@@ -137,7 +138,8 @@ class InferenceModel:
 
     def predict_proba(self, images_uint8, batch_size=1000):
         """uint8 NHWC images -> softmax probabilities."""
-        x = (images_uint8.astype(np.float32) / 255.0 - self.mean) / self.std
+        norm = self.header["normalization"]  # the values, and the lookup table, the trainer normalized with
+        x = data.normalize_images(images_uint8, norm["mean"], norm["std"])
         z = self.logits(x, batch_size)
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
@@ -177,7 +179,7 @@ def load_model(path):
         arch = header["architecture"]
         model = build_model(arch["model"], arch["num_classes"], arch["quantize"], arch["bits"],
                             arch.get("per_channel", False))
-        state = {}
+        state, stored = {}, {}
         tensors = header["tensors"]
         for name, info in tensors.items():
             if name.endswith(".scale") and name[:-len(".scale")] in tensors:
@@ -193,7 +195,13 @@ def load_model(path):
                 s_blob = payload[s_info["offset"]:s_info["offset"] + s_info["nbytes"]]
                 scale = np.frombuffer(s_blob, dtype="<f4").reshape(s_info["shape"])
                 state[name] = quant.dequantize(codes, scale)
+                stored[name] = (codes, scale)
         model.load_state_dict(state)
+        layers = dict(model.named_modules())
+        for name, (codes, scale) in stored.items():  # compute with the file's own scales, bit for bit
+            layer = layers.get(name.rsplit(".", 1)[0])
+            if isinstance(layer, QuantizedWeight):
+                layer.use_stored(codes, scale)
         return InferenceModel(model, header)
     except NanoQ4Error as e:
         raise NanoQ4Error(f"{path}: {e}") from None

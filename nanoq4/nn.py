@@ -171,10 +171,22 @@ class QuantizedWeight:
         self.bits, self.per_channel = bits, per_channel
         self.weight.quantized = True  # the optimizer's tanh soft clip acts on these
         self.codes = self.scale = None
+        self.stored = None
+
+    def use_stored(self, codes, scale):
+        """Compute with exactly these codes and scale (a model loaded from a file, for inference):
+        re-deriving the scale from codes * scale could move it by one float32 ulp, and a
+        prediction near a tie with it. Training the layer further would need stored = None."""
+        w_q = quant.dequantize(codes, scale)
+        self.weight.data[...] = w_q
+        self.stored = (np.asarray(codes), np.asarray(scale, dtype=np.float32), w_q)
 
     def quantized_weight(self):
-        with profiled("fake_quantize"):
-            w_q, self.codes, self.scale = quant.fake_quantize(self.weight.data, self.bits, self.per_channel)
+        if self.stored is not None:
+            self.codes, self.scale, w_q = self.stored
+        else:
+            with profiled("fake_quantize"):
+                w_q, self.codes, self.scale = quant.fake_quantize(self.weight.data, self.bits, self.per_channel)
         return STE.apply(self.weight, w_q)
 
     def quantized_codes(self):

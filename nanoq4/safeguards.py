@@ -202,9 +202,16 @@ class DivergenceWatch:
                 f"{self.first:.4g}) in {sum(v > self._limit() for v in self.recent)} of the last "
                 f"{len(self.recent)} steps (now {self.recent[-1]:.4g})")
 
+    def above_limit(self, loss):
+        """True when `loss` (e.g. an epoch's test loss, on the weights a checkpoint would hold) is
+        above the limit."""
+        return self.factor > 0 and self.first is not None and loss > self._limit()
+
     def at_chance(self, train_acc, test_acc, steps_after_warmup):
-        """True when rule (2) fires for an epoch with these accuracies."""
-        return (self.factor > 0 and steps_after_warmup >= CHANCE_MIN_STEPS
+        """True when rule (2) fires for an epoch with these accuracies. Only for datasets whose
+        commonest class is under half of the images: on a very imbalanced set a healthy run can sit
+        near the majority share."""
+        return (self.factor > 0 and steps_after_warmup >= CHANCE_MIN_STEPS and self.chance_train < 0.5
                 and train_acc <= self.chance_train + CHANCE_MARGIN
                 and test_acc <= self.chance_test + CHANCE_MARGIN)
 

@@ -3,9 +3,10 @@
 One epoch = shuffle/augment (data.BatchLoader) -> forward -> cross-entropy -> backward ->
 optional gradient-norm clip -> SGD/AdamW step -> tanh soft clip of the quantized weights.
 After each epoch: test accuracy, grid statistics of every quantized layer, a metrics.jsonl
-record, a curve PNG (if matplotlib is installed) and an atomic checkpoint. At the end the
-model is exported as a packed int4 file (model.nq4) and the FINAL epoch's test accuracy is
-reported (the best epoch is shown too, labelled as selected on the test set).
+record, a curve PNG (if matplotlib is installed) and an atomic checkpoint. The final model is
+also evaluated with test-time augmentation (--tta). At the end the model is exported as a packed
+int4 file (model.nq4) and the FINAL epoch's test accuracy is reported, with and without TTA (the
+best epoch is shown too, labelled as selected on the test set).
 
 Never losing a run: every setting is checked before any work starts; a folder that holds a run
 is not overwritten without --overwrite; a checkpoint is only replaced by one whose weights,
@@ -29,7 +30,7 @@ import numba
 import numpy as np
 
 from . import blas, cli, data, export, models, nn, ops, optim, quant, safeguards
-from .evaluate import TTA_MODES, predict_logits
+from .tta import TTA_MODES, predict_logits
 from .errors import NanoQ4Error
 from .tensor import Tensor, no_grad
 
@@ -91,7 +92,11 @@ PAPER_RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=5e-4, grad_clip=0.5
 # other setting (lr, schedule, augmentation, ...) may differ only with --allow-changes.
 RESUME_KEYS = ("dataset", "model", "bits", "per_channel", "fp32", "coarse", "batch_size", "seed", "epochs",
                "optimizer", "dropout", "max_steps_per_epoch")
-RESUME_FREE = ("data_dir", "download", "progress", "divergence_factor")
+RESUME_FREE = ("data_dir", "download", "progress", "divergence_factor", "tta")
+# Settings that checkpoints written before they existed (or before a default changed) were trained
+# with: such a checkpoint's config lacks "dropout", and its lr None meant the old sgd default.
+LEGACY_SETTINGS = dict(dropout=0.5, tta="none")
+LEGACY_SGD_LR = 0.05
 RUN_ENVIRONMENT = ("out", "resume", "threads", "overwrite", "allow_changes")
 
 
@@ -123,6 +128,10 @@ def resumed_config(cfg, saved, given=None):
     the others unless cfg.allow_changes. -> (config, {name: (checkpoint's, new)} allowed changes)."""
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     given = set(names if given is None else given)
+    if "dropout" not in saved:  # written before this setting existed: the values it trained with
+        saved = {**LEGACY_SETTINGS, **saved}
+        if saved.get("lr") is None and saved.get("optimizer", "sgd") == "sgd":
+            saved["lr"] = LEGACY_SGD_LR
     known = [k for k in names if k in saved and k not in RUN_ENVIRONMENT]
     new = dataclasses.replace(cfg, **{k: saved[k] for k in known if k not in given})
     old = dataclasses.replace(new, **{k: saved[k] for k in known})
@@ -304,6 +313,7 @@ def train(cfg, given=None):
         checkpoint = safeguards.check_resumable(cfg.resume, export.load_checkpoint(cfg.resume))
         cfg, changes = resumed_config(cfg, checkpoint["config"], given)
     validate(cfg)  # on resume, what came from the checkpoint must fit today's domains too
+    cfg.lr = cfg.resolved_lr()  # saved as a number: a later change of the default cannot change a resumed run
     out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else _default_out(cfg))
     replacing = safeguards.check_run_folder(out, cfg)
     set_threads(cfg.threads)
@@ -430,6 +440,11 @@ def train(cfg, given=None):
             record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
                           test_loss=test_loss, test_acc=test_acc, lr=opt.lr, epoch_time=time.perf_counter() - epoch_start,
                           train_images_per_s=seen / train_time, grid=stats)
+            # the epoch's last steps blew the weights up (after the warm-up: a barely trained network's
+            # batch-norm statistics can legitimately give a large test loss): keep the last checkpoint
+            if step - warmup >= safeguards.CHANCE_MIN_STEPS and watch.above_limit(test_loss):
+                raise NanoQ4Error(f"training diverged by the end of epoch {epoch + 1}: test loss {test_loss:.4g} is "
+                                  f"above the divergence limit; {safeguards.recovery_hint(last_good)}")
             if watch.at_chance(record["train_acc"], test_acc, step - warmup):
                 raise NanoQ4Error(f"training diverged: epoch {epoch + 1} (step {step}) ends at chance level "
                                   f"{step - warmup} steps after the warm-up (train accuracy "
@@ -441,6 +456,7 @@ def train(cfg, given=None):
             if epoch + 1 == cfg.epochs and cfg.tta != "none":  # the final model only: TTA costs a pass per view
                 record["test_acc_tta"] = evaluate(model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
                                                   cfg.tta)[1]
+                record["tta"] = cfg.tta
                 record["epoch_time"] = time.perf_counter() - epoch_start
             history.append(record)
             save(epoch + 1, 0, None, when)
@@ -449,6 +465,10 @@ def train(cfg, given=None):
             log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%} | "
                  f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {opt.lr:.2e} | {format_grid(stats)} | "
                  f"{record['epoch_time']:.0f}s ({record['train_images_per_s']:.0f} img/s)")
+        if stop.requested:  # a signal during the final evaluation: the checkpoint is complete, resuming exports
+            log(f"\ninterrupted: saved {last_good}; finish with: python -m nanoq4.train --resume "
+                f"{shlex.quote(str(last_good))}")
+            raise cli.Interrupted(stop.signum)
 
     model_path = out / "model.nq4"
     arch = dict(model=cfg.model, num_classes=dataset.num_classes, quantize=not cfg.fp32, bits=cfg.bits,
@@ -460,7 +480,7 @@ def train(cfg, given=None):
     final_line = f"FINAL test accuracy (epoch {final['epoch']}): {final['test_acc']:.2%}"
     if "test_acc_tta" in final:
         final_line = (f"FINAL test accuracy (epoch {final['epoch']}): {final['test_acc_tta']:.2%} with test-time "
-                      f"augmentation {cfg.tta} ({final['test_acc']:.2%} without)")
+                      f"augmentation {final.get('tta', cfg.tta)} ({final['test_acc']:.2%} without)")
     log(f"{final_line}\n"
          f"best epoch {best['epoch']}: {best['test_acc']:.2%} (selected on the test set: not an unbiased estimate)\n"
          f"model size: float32 {float_bytes / 2**20:.2f} MiB, int{cfg.bits} file {file_bytes / 2**20:.2f} MiB "
@@ -547,7 +567,8 @@ def build_parser():
                         f"rate, schedule, augmentation, ...); {fixed} never change within a run")
     p.add_argument("--divergence-factor", type=float,
                    help=f"stop, keeping the last good checkpoint, when {safeguards.DIVERGENCE_HITS} of the last "
-                        f"{safeguards.DIVERGENCE_WINDOW} training losses exceed this x the first one, or when the "
+                        f"{safeguards.DIVERGENCE_WINDOW} training losses (or an epoch's test loss) exceed this x "
+                        f"the first training loss (at least ln(classes)), or when the "
                         f"accuracy is still at chance level {safeguards.CHANCE_MIN_STEPS} steps after the warm-up; "
                         f"0: never (default {d.divergence_factor})")
     p.add_argument("--threads", type=int, help="CPU threads for Numba and BLAS, 1 to the number of cores "

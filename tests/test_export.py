@@ -99,6 +99,34 @@ def test_loaded_quantized_weights_are_the_grid_weights_the_model_trained_on(resn
         np.testing.assert_array_equal(loaded[name].weight.data, w_q, err_msg=name)
         np.testing.assert_array_equal(loaded[name].quantized_codes()[0], codes,
                                       err_msg=f"{name}: re-quantizing the loaded weight must give the same codes")
+        np.testing.assert_array_equal(loaded[name].quantized_weight().data, w_q,
+                                      err_msg=f"{name}: the loaded layer must compute with exactly w_q")
+
+
+def test_a_layer_using_stored_codes_computes_with_them_where_requantizing_would_move_the_scale():
+    """Scale with float32 mantissa 9586988: re-deriving it from max|codes * s| / 7 gives s plus or
+    minus one ulp, so a loaded model that re-quantized its weights would not compute the trained
+    network bit for bit; use_stored keeps the file's codes and scale as they are."""
+    layer = models.quantized_layers(models.build_model("simpleresnet4bit"))[0][1]
+    s = np.float32(9586988 * 2.0 ** -23 * 2.0 ** -7)
+    codes = np.random.default_rng(0).integers(-7, 8, size=layer.weight.data.shape).astype(np.int8)
+    codes.flat[0] = 7
+    exact = quant.dequantize(codes, s)
+    assert quant.compute_scale(exact) != s, "this scale should be one that re-quantization moves"
+    layer.use_stored(codes, s)
+    np.testing.assert_array_equal(layer.quantized_weight().data, exact)
+    np.testing.assert_array_equal(layer.codes, codes)
+    assert layer.scale == s
+
+
+def test_loaded_layers_compute_with_the_files_codes_and_scales(resnet_file):
+    model, path = resnet_file
+    loaded = dict(models.quantized_layers(export.load_model(path).model))
+    for name, layer in models.quantized_layers(model):
+        codes, scale = layer.quantized_codes()
+        stored_codes, stored_scale, _ = loaded[name].stored
+        np.testing.assert_array_equal(stored_codes, codes, err_msg=name)
+        np.testing.assert_array_equal(stored_scale, scale, err_msg=name)
 
 
 def test_stored_codes_unpack_to_quantize_of_the_latent_weights(resnet_file):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from nanoq4 import data, evaluate
+from nanoq4 import data, evaluate, tta
 from nanoq4.errors import NanoQ4Error
 from nanoq4.train import main
 
@@ -29,32 +29,32 @@ def shift_reference(images, dy, dx):
 
 @pytest.mark.parametrize("dy, dx", [(0, 0), (-1, -1), (1, 1), (2, -1), (-3, 2)])
 def test_shift_images_matches_plain_loops(dy, dx):
-    np.testing.assert_array_equal(evaluate.shift_images(IMAGES, dy, dx), shift_reference(IMAGES, dy, dx))
+    np.testing.assert_array_equal(tta.shift_images(IMAGES, dy, dx), shift_reference(IMAGES, dy, dx))
 
 
 def test_shift_moves_content_up_left_for_positive_offsets():
-    out = evaluate.shift_images(IMAGES, 1, 1)
+    out = tta.shift_images(IMAGES, 1, 1)
     np.testing.assert_array_equal(out[:, 0, 0], IMAGES[:, 1, 1])
     assert not out[:, -1, :].any() and not out[:, :, -1].any()
 
 
 @pytest.mark.parametrize("mode, count", [("none", 1), ("flip", 2), ("flip-translate", 6)])
 def test_views_count_and_weights_sum_to_one(mode, count):
-    views = evaluate.tta_views(IMAGES, mode)
+    views = tta.tta_views(IMAGES, mode)
     assert len(views) == count
     assert sum(w for w, _ in views) == pytest.approx(1.0)
     assert all(v.shape == IMAGES.shape and v.dtype == np.uint8 for _, v in views)
 
 
 def test_flip_views_are_the_image_and_its_mirror():
-    (w0, v0), (w1, v1) = evaluate.tta_views(IMAGES, "flip")
+    (w0, v0), (w1, v1) = tta.tta_views(IMAGES, "flip")
     np.testing.assert_array_equal(v0, IMAGES)
     np.testing.assert_array_equal(v1, IMAGES[:, :, ::-1])
     assert w0 == w1 == 0.5
 
 
 def test_flip_translate_views_are_the_flip_pairs_of_the_image_and_two_shifts():
-    views = evaluate.tta_views(IMAGES, "flip-translate")
+    views = tta.tta_views(IMAGES, "flip-translate")
     expected = []
     for weight, base in ((0.25, IMAGES), (0.125, shift_reference(IMAGES, -1, -1)),
                          (0.125, shift_reference(IMAGES, 1, 1))):
@@ -66,7 +66,7 @@ def test_flip_translate_views_are_the_flip_pairs_of_the_image_and_two_shifts():
 
 def test_unknown_mode_is_a_one_line_error():
     with pytest.raises(NanoQ4Error, match="choose one of: none, flip, flip-translate"):
-        evaluate.tta_views(IMAGES, "rotate")
+        tta.tta_views(IMAGES, "rotate")
 
 
 @pytest.mark.parametrize("mode", ["none", "flip", "flip-translate"])
@@ -76,8 +76,8 @@ def test_predict_logits_is_the_weighted_sum_of_each_views_logits(mode):
     weights = np.random.default_rng(1).standard_normal((6 * 7 * 3, 4)).astype(np.float32)
     forward = lambda x: x.reshape(len(x), -1) @ weights
     expected = sum(np.float32(w) * forward(data.normalize_images(v, mean, std))
-                   for w, v in evaluate.tta_views(IMAGES, mode))
-    got = evaluate.predict_logits(forward, IMAGES, mean, std, mode, batch_size=2)
+                   for w, v in tta.tta_views(IMAGES, mode))
+    got = tta.predict_logits(forward, IMAGES, mean, std, mode, batch_size=2)
     assert got.dtype == np.float32 and got.shape == (5, 4)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
