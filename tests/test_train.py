@@ -641,3 +641,82 @@ def test_chance_rule_needs_the_steps_after_the_warm_up_and_both_accuracies():
     assert not watch.at_chance(0.10, 0.11, steps - 1)
     assert not watch.at_chance(0.30, 0.11, steps), "a run that learns its training set is not at chance"
     assert not watch.at_chance(0.10, 0.25, steps)
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+def test_resolved_learning_rate_is_saved_as_a_number(smoke_run):
+    """A later change of the default lr must not change what a resumed run trains with."""
+    _, folder, _ = smoke_run
+    assert read_metrics(folder)[0]["config"]["lr"] == TrainConfig().resolved_lr()
+    assert export.load_checkpoint(folder / "checkpoint.ckpt")["config"]["lr"] == TrainConfig().resolved_lr()
+
+
+def test_checkpoint_of_an_older_nanoq4_resumes_with_its_own_dropout_and_lr(epoch_1_checkpoint):
+    """Configs written before `dropout` existed trained with dropout 0.5 and lr None = 0.05 (sgd)."""
+    saved = dict(export.load_checkpoint(epoch_1_checkpoint)["config"])
+    del saved["dropout"], saved["tta"]
+    saved["lr"] = None
+    cfg, changes = train_module.resumed_config(TrainConfig(resume="x"), saved, given={"resume"})
+    assert (cfg.dropout, cfg.tta, cfg.resolved_lr(), changes) == (0.5, "none", 0.05, {})
+
+
+def test_tta_may_change_on_resume_without_allow_changes(epoch_1_checkpoint):
+    saved = export.load_checkpoint(epoch_1_checkpoint)["config"]
+    other = "none" if saved["tta"] != "none" else "flip"
+    cfg, changes = train_module.resumed_config(TrainConfig(resume="x", tta=other), saved, given={"resume", "tta"})
+    assert cfg.tta == other and changes == {}
+
+
+def test_chance_rule_is_off_when_one_class_is_most_of_the_data():
+    """With 90% of the images in one class a healthy run sits near 90%: not a divergence."""
+    steps = safeguards.CHANCE_MIN_STEPS
+    assert not DivergenceWatch(4.0, 2, 0.9, 0.9).at_chance(0.91, 0.90, steps)
+    assert DivergenceWatch(4.0, 10, 0.1, 0.1).at_chance(0.10, 0.10, steps)
+
+
+def test_test_loss_above_the_limit_is_seen():
+    watch = DivergenceWatch(4.0, 10, 0.1, 0.1)
+    watch.loss_diverged(2.3)
+    assert watch.above_limit(10.0) and not watch.above_limit(9.0)
+    assert not DivergenceWatch(0, 10, 0.1, 0.1).above_limit(1e9)
+
+
+def test_weights_blown_up_by_an_epochs_last_steps_keep_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """The epoch's training losses were fine but its test loss (on the weights a checkpoint would
+    hold) is above the limit: the run stops and the epoch-1 checkpoint stays. SMOKE warms up for 2
+    steps: epoch 1 ends 2 steps after it (rule not yet on), epoch 2 ends 6 after."""
+    monkeypatch.setattr(safeguards, "CHANCE_MIN_STEPS", 5)
+    real_evaluate = train_module.evaluate
+    calls = []
+
+    def second_epoch_test_loss_explodes(*args, **kwargs):
+        loss, acc, preds = real_evaluate(*args, **kwargs)
+        calls.append(1)
+        return (1e3 if len(calls) == 2 else loss), acc, preds
+
+    monkeypatch.setattr(train_module, "evaluate", second_epoch_test_loss_explodes)
+    code, _ = run_main(SMOKE + ["--tta", "none", "--out", str(tmp_path)])
+    err = one_line_error(capsys)
+    assert code == 2
+    assert "diverged by the end of epoch 2" in err and f"last good checkpoint {tmp_path / 'checkpoint.ckpt'}" in err
+    assert export.load_checkpoint(tmp_path / "checkpoint.ckpt")["epoch"] == 1
+
+
+def test_signal_during_the_final_evaluation_exits_130_and_resuming_exports(tmp_path, monkeypatch):
+    real_evaluate = train_module.evaluate
+    calls = []
+
+    def ctrl_c_during_the_last_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2 (the last) of SMOKE with --tta none
+            signal.raise_signal(signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", ctrl_c_during_the_last_evaluation)
+    code, stdout = run_main(SMOKE + ["--tta", "none", "--out", str(tmp_path)])
+    assert code == 130, stdout
+    assert not (tmp_path / "model.nq4").exists()
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    code, stdout = run_main(["--resume", str(tmp_path / "checkpoint.ckpt")])
+    assert code == 0 and (tmp_path / "model.nq4").exists() and "FINAL" in stdout
