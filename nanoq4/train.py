@@ -460,8 +460,8 @@ def train(cfg, given=None, group=None):
         return True
 
     ranks = "" if group.size == 1 else (
-        f"; {group.size} ranks x {cfg.batch_size // group.size} images x {numba.get_num_threads()} threads, "
-        f"{'global' if cfg.sync_bn else 'per-rank'} batch-norm statistics")
+        f"; {group.size} ranks of {cfg.batch_size // group.size} images and {numba.get_num_threads()} thread(s) "
+        f"each, {'global' if cfg.sync_bn else 'per-rank'} batch-norm statistics")
     say(f"nanoq4: {cfg.model} ({model.num_parameters():,} parameters, "
         f"{'float32' if cfg.fp32 else f'{cfg.bits}-bit weights'}) on {dataset.name}: "
         f"{len(dataset.y_train):,} train / {len(dataset.y_test):,} test images, {cfg.epochs} epochs of "
