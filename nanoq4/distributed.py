@@ -271,9 +271,9 @@ class MPIGroup:
     # ------------------------------------------------------------------ the end of a run
 
     def run_together(self, body, memory_hint):
-        """body() on this rank. A NanoQ4Error or a stop comes on every rank at the same point: the
-        ranks meet, rank 0 reports it once, all exit with its code. Anything else (or a shared
-        error that another rank did not raise) is printed by this rank, which ends the job."""
+        """body() on this rank. A NanoQ4Error, a stop or argparse's exit comes on every rank at the
+        same point: the ranks meet, rank 0 reports it once, all exit with its code. Anything else
+        (or one of those that another rank did not raise) is printed by this rank, which ends the job."""
         try:
             return body()
         except NanoQ4Error as e:
@@ -282,10 +282,11 @@ class MPIGroup:
             if self.is_root:
                 raise
             return 2
-        except KeyboardInterrupt as e:
-            code = 128 + getattr(e, "signum", 2)
+        except (KeyboardInterrupt, SystemExit) as e:  # a stop, or argparse's exit (--help, a bad flag)
             if not self._all_arrive():
-                self._abort(code, f"interrupted (rank {self.rank} of {self.size})")
+                code = 128 + getattr(e, "signum", 2) if isinstance(e, KeyboardInterrupt) else e.code
+                self._abort(code if isinstance(code, int) else 1, f"{type(e).__name__} on rank {self.rank} "
+                            f"of {self.size} alone")
             raise
         except MemoryError:
             self._abort(2, f"error: out of memory on rank {self.rank} of {self.size}; {memory_hint}")
