@@ -466,6 +466,7 @@ def train(cfg, given=None, group=None):
         f"{'float32' if cfg.fp32 else f'{cfg.bits}-bit weights'}) on {dataset.name}: "
         f"{len(dataset.y_train):,} train / {len(dataset.y_test):,} test images, {cfg.epochs} epochs of "
         f"{steps_per_epoch} steps, {cfg.optimizer} lr {cfg.resolved_lr()} ({cfg.schedule}){ranks}; output {out}")
+    command = "python -m nanoq4.train" if group.size == 1 else f"mpiexec -n {group.size} python -m nanoq4.train"
     run_start = time.perf_counter()
     with _StopRequest() as stop:
         for epoch in range(start_epoch, cfg.epochs):
@@ -485,8 +486,8 @@ def train(cfg, given=None, group=None):
                 if signum:
                     bar.close()
                     saved = save(epoch, k, (loss_sum, correct, seen), f"before epoch {epoch + 1} step {k + 1}")
-                    say(f"\ninterrupted: {'saved' if saved else 'kept'} {last_good}; continue with: python -m "
-                        f"nanoq4.train --resume {shlex.quote(str(last_good))}" if last_good else
+                    say(f"\ninterrupted: {'saved' if saved else 'kept'} {last_good}; continue with: {command} "
+                        f"--resume {shlex.quote(str(last_good))}" if last_good else
                         "\ninterrupted before any checkpoint could be saved")
                     raise cli.Interrupted(signum)
                 opt.lr = schedule(step)
@@ -556,8 +557,7 @@ def train(cfg, given=None, group=None):
                 f"{record['epoch_time']:.0f}s ({record['train_images_per_s']:.0f} img/s)")
         signum = group.stop_signal(stop)
         if signum:  # a signal during the final evaluation: the checkpoint is complete, resuming exports
-            say(f"\ninterrupted: saved {last_good}; finish with: python -m nanoq4.train --resume "
-                f"{shlex.quote(str(last_good))}")
+            say(f"\ninterrupted: saved {last_good}; finish with: {command} --resume {shlex.quote(str(last_good))}")
             raise cli.Interrupted(signum)
 
     model_path = out / "model.nq4"

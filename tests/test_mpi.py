@@ -175,8 +175,8 @@ def test_only_rank_0_prints_and_writes(local_bn_run):
     assert "2 ranks of 16 images" in result.stdout
 
 
-def test_the_global_batch_is_split_between_the_ranks(local_bn_run):
-    """The progress counts the global batch: 4 steps of 32 images, not of 16."""
+def test_the_checkpoint_keeps_every_rank_s_dropout_stream(local_bn_run):
+    """4 optimizer steps (2 epochs of 2 global batches), and one generator state per rank."""
     folder, _ = local_bn_run
     ckpt = export.load_checkpoint(folder / "run" / "checkpoint.ckpt")
     assert ckpt["optimizer"]["step_count"] == 4
@@ -197,6 +197,7 @@ def test_a_signal_to_one_rank_stops_all_at_the_same_batch_with_one_checkpoint(st
     folder, result = stopped_run
     assert result.returncode == 143, report(result)
     assert result.stdout.count("interrupted: saved") == 1, result.stdout
+    assert "continue with: mpiexec -n 2 python -m nanoq4.train --resume run/checkpoint.ckpt" in result.stdout
     ckpt = export.load_checkpoint(folder / "run" / "checkpoint.ckpt")
     assert (ckpt["epoch"], ckpt["batch"]) == (1, 1), "saved before the 4th step (epoch 2, step 2)"
     assert sorted(p.name for p in folder.iterdir()) == ["run"]
@@ -266,7 +267,7 @@ def test_missing_mpi4py_under_mpiexec_is_one_line_naming_the_extra(mpiexec, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_mpi4py_is_one_line_on_the_launcher_s_rank_0_only(tmp_path):
+def test_missing_mpi4py_is_reported_by_rank_0_alone(tmp_path):
     """No MPI needed: the variables mpiexec sets are enough to be taken for a rank."""
     command = [sys.executable, "-m", "nanoq4.train"] + BASE_FLAGS + ["--out", "run"]
     stderr = {}
@@ -327,7 +328,7 @@ def test_a_last_batch_too_small_for_2_images_per_shard_is_left_out():
     assert [len(y) for _, y in loader(1, 2)] == [16, 16, 16, 2]
 
 
-def test_batch_norm_backward_synchronized_over_two_halves_is_the_whole_batch_s():
+def test_synchronized_batch_norm_backward_over_two_halves_equals_the_whole_batch():
     """Two ranks simulated in one process: each half's dx with the summed statistics is that half
     of the whole batch's dx; the halves' dgamma, dbeta add up to the whole batch's."""
     rng = np.random.default_rng(0)
@@ -354,7 +355,7 @@ def test_batch_norm_backward_synchronized_over_two_halves_is_the_whole_batch_s()
         np.testing.assert_allclose(parts[0][i] + parts[1][i], whole[i], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_batch_norm_forward_synchronized_normalizes_with_the_global_statistics():
+def test_synchronized_batch_norm_forward_normalizes_with_the_global_statistics():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((64, 4, 4, 8)).astype(np.float32) * 3 + 1
     whole = nn.BatchNorm2d(8)
