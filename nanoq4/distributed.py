@@ -156,9 +156,6 @@ class SingleProcess:
     def check_same(self, arrays, when, hint):
         pass
 
-    def gather(self, value):
-        return [value]
-
 
 class MPIGroup:
     """All ranks of an mpiexec launch (MPI.COMM_WORLD). Collectives on buffers use mpi4py's
