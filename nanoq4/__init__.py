@@ -2,7 +2,7 @@
 
 Reading order: tensor -> ops -> kernels -> quant -> nn -> optim -> data -> models -> tta -> safeguards -> train
 -> export (evaluate, predict, export_onnx: the model file in use)
-(cli: what the command lines share).
+(cli: what the command lines share; distributed: the same training on several MPI ranks).
 """
 from .errors import NanoQ4Error
 from .tensor import Function, Tensor, no_grad

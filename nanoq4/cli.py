@@ -23,7 +23,8 @@ class ArgumentParser(argparse.ArgumentParser):
     every other user error, instead of a usage block."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        from .distributed import launch_rank  # the ranks of an mpiexec launch parse the same flags: one reports
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n" if launch_rank() in (None, 0) else None)
 
 
 def int_at_least(low):

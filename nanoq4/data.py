@@ -521,10 +521,15 @@ def augment_batch_reference(images, index, oy, ox, flip, table, pad):
 class BatchLoader:
     """Yields (x float32 (B, H, W, 3) C-contiguous, y int64 (B,)) over one epoch. The order,
     crop offsets and flips depend only on (seed, epoch), so runs repeat exactly whatever the
-    thread count. Each batch is a fresh array, so a kept batch is never overwritten."""
+    thread count. Each batch is a fresh array, so a kept batch is never overwritten.
+
+    Data-parallel training: with `shards` > 1 the loader yields shard `shard` of each (global)
+    batch of `batch_size` images, a contiguous slice; the shards of one batch are disjoint and
+    together are the batch, augmentation included, that one process would see. A last partial
+    batch too small to give every shard 2 images (batch norm needs 2) is left out."""
 
     def __init__(self, x, y, batch_size, mean, std, augment=False, shuffle=False, seed=0,
-                 drop_last=False, prefetch=False):
+                 drop_last=False, prefetch=False, shard=0, shards=1):
         x = np.ascontiguousarray(x)
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or len(x) == 0:
             raise NanoQ4Error(f"images must be uint8 (N, H, W, 3) with N > 0, "
@@ -534,7 +539,10 @@ class BatchLoader:
             raise NanoQ4Error(f"labels must have shape ({len(x)},), got {y.shape}")
         if int(batch_size) < 1 or int(seed) < 0:
             raise NanoQ4Error(f"batch_size must be >= 1 and seed >= 0, got {batch_size}, {seed}")
+        if not 0 <= int(shard) < int(shards):
+            raise NanoQ4Error(f"shard must lie in 0..shards-1, got shard {shard} of {shards}")
         self.x, self.y = x, y
+        self.shard, self.shards = int(shard), int(shards)
         self.batch_size = int(batch_size)
         self.table = normalization_table(mean, std)
         self.augment, self.shuffle, self.drop_last = augment, shuffle, drop_last
@@ -550,7 +558,13 @@ class BatchLoader:
 
     def __len__(self):
         n, b = len(self.y), self.batch_size
+        if self.shards > 1 and 0 < n % b < 2 * self.shards:
+            return n // b
         return n // b if self.drop_last else -(-n // b)
+
+    def global_batch_len(self, k):
+        """Images in batch k over all shards (this shard holds about 1/shards of them)."""
+        return min(self.batch_size, len(self.y) - k * self.batch_size)
 
     def _plan(self):
         """The epoch's image order, crop offsets and flips, one entry per position."""
@@ -568,7 +582,8 @@ class BatchLoader:
 
     def _batch(self, plan, k, kernel):
         order, oy, ox, flip = plan
-        pick = slice(k * self.batch_size, (k + 1) * self.batch_size)
+        start, count = k * self.batch_size, self.global_batch_len(k)
+        pick = slice(start + self.shard * count // self.shards, start + (self.shard + 1) * count // self.shards)
         index = order[pick]
         out = np.empty((len(index),) + self.x.shape[1:], dtype=np.float32)
         kernel(self.x, index, oy[pick], ox[pick], flip[pick], self.table, CROP_PADDING, out)

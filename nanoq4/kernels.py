@@ -204,14 +204,23 @@ def _channel_sums_kernel(x, chunks, step):
     return partial.sum(axis=0)
 
 
-def channel_mean_var(x2d):
-    """Per-column mean and biased variance of a (M, C) array, accumulated in float64."""
-    m = x2d.shape[0]
-    chunks, step = _row_chunks(m)
-    sums = _channel_sums_kernel(x2d, chunks, step)
+def channel_sums(x2d):
+    """Per-column sum and sum of squares of a (M, C) array as float64 (2, C): what batch norm
+    synchronized across data-parallel ranks adds up."""
+    chunks, step = _row_chunks(x2d.shape[0])
+    return _channel_sums_kernel(x2d, chunks, step)
+
+
+def mean_var_from_sums(sums, m):
+    """Mean and biased variance per column from channel_sums of m rows."""
     mean = sums[0] / m
     var = np.maximum(sums[1] / m - mean * mean, 0.0)
     return mean, var
+
+
+def channel_mean_var(x2d):
+    """Per-column mean and biased variance of a (M, C) array, accumulated in float64."""
+    return mean_var_from_sums(channel_sums(x2d), x2d.shape[0])
 
 
 def channel_mean_var_reference(x2d):
@@ -261,20 +270,25 @@ def _bn_backward_dx_kernel(dy, x, y, mean, relu, a, b, d, dx):
             dx[r, ch] = a[ch] * g - b[ch] * (x[r, ch] - mean[ch]) - d[ch]
 
 
-def batch_norm_backward(dy, x, y, mean, inv_std, gamma, relu):
+def batch_norm_backward(dy, x, y, mean, inv_std, gamma, relu, sync=None):
     """Gradients of y = [relu](gamma * (x - mean) * inv_std + beta) with batch statistics,
     for (M, C) arrays: returns dx, dgamma, dbeta. `y` is the forward output (for the ReLU mask).
 
     dx = gamma*inv_std * (g - mean(g) - xhat * mean(g*xhat)), where g is dy masked by the ReLU.
+    With `sync` (statistics over several data-parallel ranks: sums, m -> their totals over the
+    ranks) the means run over the global batch; dgamma and dbeta stay this rank's part, which
+    the gradient sum over the ranks completes.
     """
     m = x.shape[0]
     chunks, step = _row_chunks(m)
     sums = _bn_backward_sums_kernel(dy, x, y, mean.astype(x.dtype), relu, chunks, step)
     dbeta = sums[0]
     dgamma = sums[1] * inv_std  # sum(g * xhat)
+    if sync is not None:
+        sums, m = sync(sums, m)
     a = gamma * inv_std
-    b = a * inv_std * dgamma / m  # coefficient of (x - mean): a * xhat * mean(g*xhat) / (x-mean)
-    d = a * dbeta / m
+    b = a * inv_std * (sums[1] * inv_std) / m  # coefficient of (x - mean): a * xhat * mean(g*xhat) / (x-mean)
+    d = a * sums[0] / m
     dx = np.empty_like(x)
     _bn_backward_dx_kernel(dy, x, y, mean.astype(x.dtype), relu, a.astype(x.dtype), b.astype(x.dtype),
                            d.astype(x.dtype), dx)

@@ -220,8 +220,11 @@ class _BatchNorm(Module):
     buffer_names = ("running_mean", "running_var")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, relu=False):
-        """relu=True fuses the ReLU that follows batch norm into the same kernel pass."""
+        """relu=True fuses the ReLU that follows batch norm into the same kernel pass. `sync`:
+        None (the statistics of this process's batch) or, in data-parallel training with
+        --sync-bn, a function summing them over the ranks (distributed.MPIGroup.sync_batch_norm)."""
         self.eps, self.momentum, self.relu = eps, momentum, relu
+        self.sync = None
         self.weight = Parameter(np.ones(num_features))
         self.bias = Parameter(np.zeros(num_features))
         self.running_mean = np.zeros(num_features, dtype=np.float32)
@@ -231,7 +234,7 @@ class _BatchNorm(Module):
         if x.ndim != self.expected_ndim:
             raise ValueError(f"{type(self).__name__} expects {self.expected_ndim}-D input, got {x.shape}")
         return ops.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                              self.training, self.momentum, self.eps, self.relu)
+                              self.training, self.momentum, self.eps, self.relu, self.sync)
 
 
 class BatchNorm2d(_BatchNorm):

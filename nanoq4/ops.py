@@ -273,18 +273,22 @@ class BatchNorm(Function):
 
     Training uses batch statistics and updates the running ones in place (momentum 0.1,
     unbiased running variance, as PyTorch); eval uses the running statistics. `relu=True`
-    fuses the following ReLU into the same pass (forward and backward).
+    fuses the following ReLU into the same pass (forward and backward). `sync` (data-parallel
+    training with --sync-bn) sums the per-channel statistics over the ranks: (sums, m) -> totals.
     """
 
     @staticmethod
     def forward(ctx, x, gamma, beta, running_mean, running_var, training=True, momentum=0.1,
-                eps=1e-5, relu=False):
+                eps=1e-5, relu=False, sync=None):
         x2 = x.reshape(-1, x.shape[-1])
         m = x2.shape[0]
         if training:
+            sums = kernels.channel_sums(x2)
+            if sync is not None:
+                sums, m = sync(sums, m)
             if m < 2:
                 raise ValueError("batch_norm in training mode needs more than one value per channel")
-            mean, var = kernels.channel_mean_var(x2)
+            mean, var = kernels.mean_var_from_sums(sums, m)
             running_mean *= 1 - momentum
             running_mean += momentum * mean
             running_var *= 1 - momentum
@@ -295,7 +299,7 @@ class BatchNorm(Function):
         scale = gamma * inv_std
         y = kernels.scale_shift(x2, scale, beta - mean * scale, relu)
         ctx.save_for_backward(x2, y, mean, inv_std, gamma)
-        ctx.training, ctx.relu, ctx.shape = training, relu, x.shape
+        ctx.training, ctx.relu, ctx.shape, ctx.sync = training, relu, x.shape, sync
         return y.reshape(x.shape)
 
     @staticmethod
@@ -303,7 +307,7 @@ class BatchNorm(Function):
         x2, y, mean, inv_std, gamma = ctx.saved
         g = grad.reshape(x2.shape)
         if ctx.training:
-            dx, dgamma, dbeta = kernels.batch_norm_backward(g, x2, y, mean, inv_std, gamma, ctx.relu)
+            dx, dgamma, dbeta = kernels.batch_norm_backward(g, x2, y, mean, inv_std, gamma, ctx.relu, ctx.sync)
         else:  # statistics are constants: a per-channel affine map
             if ctx.relu:
                 g = np.where(y > 0, g, 0).astype(g.dtype)
@@ -440,9 +444,9 @@ def global_avg_pool(x):
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
-               relu=False):
+               relu=False, sync=None):
     return BatchNorm.apply(x, weight, bias, running_mean, running_var, training=training,
-                           momentum=momentum, eps=eps, relu=relu)
+                           momentum=momentum, eps=eps, relu=relu, sync=sync)
 
 
 def dropout(x, p=0.5, training=True, rng=None):

@@ -13,6 +13,10 @@ is not overwritten without --overwrite; a checkpoint is only replaced by one who
 optimizer state and metrics are finite; a diverging run stops and keeps its last good
 checkpoint; --resume continues with the checkpoint's own settings and refuses differing ones
 unless --allow-changes says so.
+
+Several machines: `mpiexec -n N python -m nanoq4.train ...` runs the same loop on N ranks, each on
+its shard of the global batch, with one gradient Allreduce per step (distributed.py). Rank 0
+alone prints and writes files; without mpiexec nothing of this runs.
 """
 import argparse
 import dataclasses
@@ -29,7 +33,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import blas, cli, data, export, models, nn, ops, optim, quant, safeguards
+from . import blas, cli, data, distributed, export, models, nn, ops, optim, quant, safeguards
 from .tta import TTA_MODES, predict_logits
 from .errors import NanoQ4Error
 from .tensor import Tensor, no_grad
@@ -46,7 +50,7 @@ class TrainConfig:
     dataset: str = "cifar10"            # cifar10 | cifar100 | synthetic | folder:PATH
     model: str = "vgg4bit"              # vgg4bit | simpleresnet4bit
     epochs: int = DEFAULT_EPOCHS        # passes over the training set
-    batch_size: int = 256               # images per step (256 runs ~10% more images/s than 128 on 2 cores)
+    batch_size: int = 256               # images per step, over all ranks under mpiexec (256 runs ~10% more images/s than 128 on 2 cores)
     optimizer: str = "sgd"              # sgd (momentum 0.9, Nesterov) | adamw
     lr: float = None                    # peak learning rate; None: 0.1 for sgd, 1e-3 for adamw
     momentum: float = 0.9               # SGD momentum
@@ -70,7 +74,8 @@ class TrainConfig:
     download: bool = True               # fetch CIFAR if missing
     out: str = None                     # run folder; None: runs/<time>-<dataset>-<model>
     resume: str = None                  # checkpoint to continue from
-    threads: int = None                 # Numba and BLAS threads (None: all cores)
+    threads: int = None                 # Numba and BLAS threads per process (None: all cores; under mpiexec each rank's share)
+    sync_bn: bool = False               # under mpiexec: batch-norm statistics of the global batch (default: each rank's own, as DDP)
     progress: bool = True               # per-epoch progress bar
     max_steps_per_epoch: int = None     # for smoke tests: cut each epoch short
     overwrite: bool = False             # replace a run already in `out` (else refused: data loss)
@@ -188,9 +193,20 @@ def make_schedule(cfg, steps_per_epoch):
     return optim.constant_schedule(lr)
 
 
-def evaluate(model, x, y, mean, std, tta="none", batch_size=EVAL_BATCH):
+def evaluate(model, x, y, mean, std, tta="none", batch_size=EVAL_BATCH, group=None):
     """(mean loss, accuracy, predictions) of `model` in eval mode on uint8 images, through the
-    same predict_logits as `python -m nanoq4.evaluate` on the exported file."""
+    same predict_logits as `python -m nanoq4.evaluate` on the exported file. With a group of
+    several ranks each rank takes a slice of the images, the totals are summed over the ranks,
+    and the predictions are those of this rank's slice."""
+    if group is not None and group.size > 1:
+        part = slice(group.rank * len(y) // group.size, (group.rank + 1) * len(y) // group.size)
+        totals = np.zeros(3)
+        preds = np.empty(0, dtype=np.int64)
+        if len(y[part]):
+            loss, _, preds = evaluate(model, x[part], y[part], mean, std, tta, batch_size)
+            totals[:] = loss * len(preds), (preds == y[part]).sum(), len(preds)
+        loss_sum, correct, count = group.sum(totals)
+        return float(loss_sum / count), float(correct / count), preds
     model.eval()
     with no_grad():
         logits = predict_logits(lambda xb: model(Tensor(xb)).data, x, mean, std, tta, batch_size)
@@ -301,23 +317,60 @@ class _StopRequest:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, given=None):
+def _read_checkpoint(path):
+    """The training state saved at `path`, refused when it could not resume a run."""
+    return safeguards.check_resumable(path, export.load_checkpoint(path))
+
+
+def _choose_run_folder(cfg):
+    """(run folder, whether a run in it is replaced): --out, else the resumed checkpoint's folder,
+    else a new one under runs/; refused as safeguards.check_run_folder says."""
+    out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else _default_out(cfg))
+    return out, safeguards.check_run_folder(out, cfg)
+
+
+def _resumed_rng_state(checkpoint, cfg, group):
+    """The dropout generator state this process continues with: the checkpoint's (rank 0's),
+    or under mpiexec each rank's own when the checkpoint was written by as many ranks. Another
+    rank count starts each rank's stream afresh (the run goes on, though not bit for bit as it
+    would have without the interruption) -> (state, a note or None)."""
+    if group.size == 1:
+        return checkpoint["rng"], None
+    states = checkpoint.get("rank_rngs")
+    if states and len(states) == group.size:
+        return states[group.rank], None
+    note = (f"checkpoint written by {len(states) if states else 1} process(es), continued on {group.size} ranks: "
+            f"the dropout streams restart from the seed")
+    return np.random.default_rng(distributed.rank_seed(cfg.seed, group.rank, group.size)).bit_generator.state, note
+
+
+def _silent(message):
+    pass
+
+
+def train(cfg, given=None, group=None):
     """Train per `cfg` and return the history (one dict per epoch). Writes into cfg.out.
 
     With cfg.resume the run continues from that checkpoint: settings not named in `given` (the
     CLI passes the flags typed; None: all) come from the checkpoint's config, given ones that
-    differ from it are refused unless cfg.allow_changes (see resumed_config)."""
+    differ from it are refused unless cfg.allow_changes (see resumed_config).
+
+    Under mpiexec (`group`: distributed.world() unless given) every rank runs this on its shard of
+    each global batch (distributed.py); all return the history, rank 0 alone prints and writes."""
+    group = group or distributed.world()
+    say = log if group.is_root else _silent
     checkpoint, changes = None, {}
     if cfg.resume:
         safeguards.check_domains(cfg)  # the given values; the others (dataset, ...) come from the checkpoint
-        checkpoint = safeguards.check_resumable(cfg.resume, export.load_checkpoint(cfg.resume))
+        checkpoint = group.on_root(_read_checkpoint, cfg.resume)  # read by rank 0, handed to every rank
         cfg, changes = resumed_config(cfg, checkpoint["config"], given)
     validate(cfg)  # on resume, what came from the checkpoint must fit today's domains too
+    distributed.check_batch_split(cfg.batch_size, group.size, cfg.sync_bn)
     cfg.lr = cfg.resolved_lr()  # saved as a number: a later change of the default cannot change a resumed run
-    out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else _default_out(cfg))
-    replacing = safeguards.check_run_folder(out, cfg)
-    set_threads(cfg.threads)
-    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, coarse=cfg.coarse)
+    out, replacing = group.on_root(_choose_run_folder, cfg)
+    set_threads(cfg.threads or group.default_threads())
+    dataset = group.in_turns(lambda: data.load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
+                                                       coarse=cfg.coarse))
     if dataset.num_classes < 2:
         raise NanoQ4Error(f"{dataset.name} has {dataset.num_classes} class ({dataset.classes[0]}); a classifier "
                           f"needs at least 2")
@@ -325,9 +378,14 @@ def train(cfg, given=None):
     nn.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, dataset.num_classes, quantize=not cfg.fp32, bits=cfg.bits,
                                per_channel=cfg.per_channel, dropout=cfg.dropout)
+    if group.size > 1:
+        nn.manual_seed(distributed.rank_seed(cfg.seed, group.rank, group.size))  # each rank's own dropout masks
+        if cfg.sync_bn:
+            group.sync_batch_norm(model)
     opt = make_optimizer(model, cfg)
     loader = data.BatchLoader(dataset.x_train, dataset.y_train, cfg.batch_size, dataset.mean, dataset.std,
-                              augment=cfg.augment, shuffle=True, seed=cfg.seed, prefetch=True)
+                              augment=cfg.augment, shuffle=True, seed=cfg.seed, prefetch=True,
+                              shard=group.rank, shards=group.size)
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     schedule = make_schedule(cfg, steps_per_epoch)
     warmup = warmup_steps(cfg, steps_per_epoch)
@@ -336,27 +394,34 @@ def train(cfg, given=None):
                                        safeguards.majority_share(dataset.y_test),
                                        checkpoint.get("divergence") if checkpoint else None)
 
-    history, prev_codes, start_epoch, start_batch, partial = [], {}, 0, 0, None
+    history, prev_codes, start_epoch, start_batch, partial, rng_note = [], {}, 0, 0, None, None
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
             opt.load_state_dict(checkpoint["optimizer"])
-            nn.set_rng_state(checkpoint["rng"])
+            rng_state, rng_note = _resumed_rng_state(checkpoint, cfg, group)
+            nn.set_rng_state(rng_state)
         except (NanoQ4Error, ValueError, TypeError, KeyError) as e:
             raise NanoQ4Error(f"checkpoint {cfg.resume} does not fit this run ({e})") from None
         history, prev_codes = checkpoint["history"], checkpoint["prev_codes"]
         start_epoch, start_batch, partial = checkpoint["epoch"], checkpoint["batch"], checkpoint["partial"]
-    safeguards.make_run_folder(out, replacing)  # only now: every refusal above leaves no folder behind
+    group.broadcast_model(model)  # rank 0's weights and batch-norm statistics on every rank
+    # Several ranks: the one Allreduce per step (with per-rank batch norm it averages the running statistics too)
+    gradient_sum = None if group.size == 1 else group.gradient_sum(
+        model.parameters(), [] if cfg.sync_bn else [b for _, b in model.named_buffers()])
+    group.on_root(safeguards.make_run_folder, out, replacing)  # only now: every refusal above leaves no folder behind
     cfg.out = str(out)
     ckpt_path, metrics_path = out / "checkpoint.ckpt", out / "metrics.jsonl"
     last_good = cfg.resume  # a checkpoint that really resumes this run (None: none yet)
     if checkpoint is not None:
-        log(f"resumed {cfg.resume} at epoch {start_epoch + 1}, batch {start_batch}")
+        say(f"resumed {cfg.resume} at epoch {start_epoch + 1}, batch {start_batch}")
         if changes:
-            log("settings changed on resume (--allow-changes): " +
+            say("settings changed on resume (--allow-changes): " +
                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        if rng_note:
+            say(rng_note)
     else:
-        write_metrics(metrics_path, cfg, history)
+        group.on_root(write_metrics, metrics_path, cfg, history)
         grid_summary(model, cfg, prev_codes)  # flip rates of epoch 1 are relative to the initial weights
 
     def check_finite(when, **parts):
@@ -365,9 +430,20 @@ def train(cfg, given=None):
             raise NanoQ4Error(f"the {' and the '.join(broken)} became non-finite {when}; "
                               f"{safeguards.recovery_hint(last_good)}")
 
+    def check_loss(loss_value, epoch, k):
+        """Stop on a non-finite or diverging training loss (under mpiexec: the global batch's)."""
+        if not math.isfinite(loss_value):
+            raise NanoQ4Error(f"loss became {loss_value} at epoch {epoch + 1} step {k + 1}; "
+                              f"{safeguards.recovery_hint(last_good)}")
+        if watch.loss_diverged(loss_value):
+            raise NanoQ4Error(f"training diverged at epoch {epoch + 1} step {k + 1}: "
+                              f"{watch.loss_report()}; {safeguards.recovery_hint(last_good)}")
+
     def save(epoch, batch, running, when):
         """Write the checkpoint -> True. Anything non-finite in it stops the run (NanoQ4Error) and
-        a loss above the divergence limit skips the write (False): the last good one stays."""
+        a loss above the divergence limit skips the write (False): the last good one stays.
+        Under mpiexec every rank calls this at the same point; rank 0 writes, with every rank's
+        dropout generator state."""
         nonlocal last_good
         state = dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=nn.get_rng_state(), history=history,
                      prev_codes=prev_codes, epoch=epoch, batch=batch, partial=running, divergence=watch.state(),
@@ -375,16 +451,22 @@ def train(cfg, given=None):
         check_finite(when, weights=state["model"], optimizer_state=state["optimizer"], metrics=history,
                      running_loss=running)
         if watch.loss_above_limit():
-            log(f"checkpoint not updated {when}: {watch.loss_report()}; kept {last_good or 'none'}")
+            say(f"checkpoint not updated {when}: {watch.loss_report()}; kept {last_good or 'none'}")
             return False
-        export.save_checkpoint(ckpt_path, **state)
+        if group.size > 1:
+            state["rank_rngs"] = group.gather(state["rng"])
+        group.on_root(export.save_checkpoint, ckpt_path, **state)
         last_good = ckpt_path
         return True
 
-    log(f"nanoq4: {cfg.model} ({model.num_parameters():,} parameters, "
-         f"{'float32' if cfg.fp32 else f'{cfg.bits}-bit weights'}) on {dataset.name}: "
-         f"{len(dataset.y_train):,} train / {len(dataset.y_test):,} test images, {cfg.epochs} epochs of "
-         f"{steps_per_epoch} steps, {cfg.optimizer} lr {cfg.resolved_lr()} ({cfg.schedule}); output {out}")
+    ranks = "" if group.size == 1 else (
+        f"; {group.size} ranks of {cfg.batch_size // group.size} images and {numba.get_num_threads()} thread(s) "
+        f"each, {'global' if cfg.sync_bn else 'per-rank'} batch-norm statistics")
+    say(f"nanoq4: {cfg.model} ({model.num_parameters():,} parameters, "
+        f"{'float32' if cfg.fp32 else f'{cfg.bits}-bit weights'}) on {dataset.name}: "
+        f"{len(dataset.y_train):,} train / {len(dataset.y_test):,} test images, {cfg.epochs} epochs of "
+        f"{steps_per_epoch} steps, {cfg.optimizer} lr {cfg.resolved_lr()} ({cfg.schedule}){ranks}; output {out}")
+    command = "python -m nanoq4.train" if group.size == 1 else f"mpiexec -n {group.size} python -m nanoq4.train"
     run_start = time.perf_counter()
     with _StopRequest() as stop:
         for epoch in range(start_epoch, cfg.epochs):
@@ -393,20 +475,21 @@ def train(cfg, given=None):
             loss_sum, correct, seen = partial if partial else (0.0, 0, 0)
             first_batch, partial, start_batch = start_batch, None, 0
             epoch_start = time.perf_counter()
-            bar = _progress(steps_per_epoch, first_batch, epoch, cfg)
+            bar = _progress(steps_per_epoch, first_batch, epoch, cfg, shown=group.is_root)
             step = epoch * steps_per_epoch + first_batch
             for k, (xb, yb) in enumerate(loader):
                 if k >= steps_per_epoch:
                     break
                 if k < first_batch:
                     continue
-                if stop.requested:
+                signum = group.stop_signal(stop)  # under mpiexec: a signal to any rank stops all here
+                if signum:
                     bar.close()
                     saved = save(epoch, k, (loss_sum, correct, seen), f"before epoch {epoch + 1} step {k + 1}")
-                    log(f"\ninterrupted: {'saved' if saved else 'kept'} {last_good}; continue with: python -m "
-                        f"nanoq4.train --resume {shlex.quote(str(last_good))}" if last_good else
+                    say(f"\ninterrupted: {'saved' if saved else 'kept'} {last_good}; continue with: {command} "
+                        f"--resume {shlex.quote(str(last_good))}" if last_good else
                         "\ninterrupted before any checkpoint could be saved")
-                    raise cli.Interrupted(stop.signum)
+                    raise cli.Interrupted(signum)
                 opt.lr = schedule(step)
                 try:
                     logits = model(Tensor(xb))
@@ -415,27 +498,34 @@ def train(cfg, given=None):
                     raise NanoQ4Error(f"{e} (epoch {epoch + 1} step {k + 1}); "
                                       f"{safeguards.recovery_hint(last_good)}") from None
                 loss_value = float(loss.data)
-                if not math.isfinite(loss_value):
-                    raise NanoQ4Error(f"loss became {loss_value} at epoch {epoch + 1} step {k + 1}; "
-                                      f"{safeguards.recovery_hint(last_good)}")
-                if watch.loss_diverged(loss_value):
-                    raise NanoQ4Error(f"training diverged at epoch {epoch + 1} step {k + 1}: "
-                                      f"{watch.loss_report()}; {safeguards.recovery_hint(last_good)}")
-                opt.zero_grad()
-                loss.backward()
+                batch_correct = int((logits.data.argmax(axis=1) == yb).sum())
+                if gradient_sum is None:  # one process: a broken loss stops the run before backward
+                    check_loss(loss_value, epoch, k)
+                    opt.zero_grad()
+                    loss.backward()
+                else:  # each rank backpropagates its share of the global batch's mean loss, then one Allreduce
+                    share = len(yb) / loader.global_batch_len(k)
+                    opt.zero_grad()
+                    loss.backward(np.float32(share))
+                    loss_value, batch_correct = gradient_sum(loss_value, batch_correct, share)
+                    check_loss(loss_value, epoch, k)
                 if cfg.grad_clip:
                     optim.clip_grad_norm(opt.parameters(), cfg.grad_clip)
                 opt.step()
                 step += 1
-                loss_sum += loss_value * len(yb)
-                correct += int((logits.data.argmax(axis=1) == yb).sum())
-                seen += len(yb)
-                bar.update(len(yb), loss_sum / seen, correct / seen)
+                images = loader.global_batch_len(k)
+                loss_sum += loss_value * images
+                correct += batch_correct
+                seen += images
+                bar.update(images, loss_sum / seen, correct / seen)
             bar.close()
             when = f"during epoch {epoch + 1} (by its step {steps_per_epoch})"
             check_finite(when, weights=model.state_dict(), optimizer_state=opt.state_dict())
+            group.check_same((model.state_dict(), opt.state), f"by the end of epoch {epoch + 1}",
+                             f"resume from {last_good}" if last_good else "no checkpoint was saved yet")
             train_time = time.perf_counter() - epoch_start
-            test_loss, test_acc, _ = evaluate(model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std)
+            test_loss, test_acc, _ = evaluate(model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
+                                              group=group)
             stats = grid_summary(model, cfg, prev_codes)
             record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
                           test_loss=test_loss, test_acc=test_acc, lr=opt.lr, epoch_time=time.perf_counter() - epoch_start,
@@ -455,47 +545,52 @@ def train(cfg, given=None):
                 changes = {}
             if epoch + 1 == cfg.epochs and cfg.tta != "none":  # the final model only: TTA costs a pass per view
                 record["test_acc_tta"] = evaluate(model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
-                                                  cfg.tta)[1]
+                                                  cfg.tta, group=group)[1]
                 record["tta"] = cfg.tta
                 record["epoch_time"] = time.perf_counter() - epoch_start
             history.append(record)
             save(epoch + 1, 0, None, when)
-            write_metrics(metrics_path, cfg, history)
-            plot_curves(history, out / "curves.png")
-            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%} | "
-                 f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {opt.lr:.2e} | {format_grid(stats)} | "
-                 f"{record['epoch_time']:.0f}s ({record['train_images_per_s']:.0f} img/s)")
-        if stop.requested:  # a signal during the final evaluation: the checkpoint is complete, resuming exports
-            log(f"\ninterrupted: saved {last_good}; finish with: python -m nanoq4.train --resume "
-                f"{shlex.quote(str(last_good))}")
-            raise cli.Interrupted(stop.signum)
+            group.on_root(write_metrics, metrics_path, cfg, history)
+            group.on_root(plot_curves, history, out / "curves.png")
+            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%} | "
+                f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {opt.lr:.2e} | {format_grid(stats)} | "
+                f"{record['epoch_time']:.0f}s ({record['train_images_per_s']:.0f} img/s)")
+        signum = group.stop_signal(stop)
+        if signum:  # a signal during the final evaluation: the checkpoint is complete, resuming exports
+            say(f"\ninterrupted: saved {last_good}; finish with: {command} --resume {shlex.quote(str(last_good))}")
+            raise cli.Interrupted(signum)
 
     model_path = out / "model.nq4"
     arch = dict(model=cfg.model, num_classes=dataset.num_classes, quantize=not cfg.fp32, bits=cfg.bits,
                 per_channel=cfg.per_channel)
-    export.export_model(model, model_path, arch, dataset.classes, dataset.mean, dataset.std)
-    float_bytes, file_bytes = export.model_file_sizes(model, model_path)
+
+    def write_model_file():
+        export.export_model(model, model_path, arch, dataset.classes, dataset.mean, dataset.std)
+        return export.model_file_sizes(model, model_path)
+
+    float_bytes, file_bytes = group.on_root(write_model_file)
     final = history[-1]
     best = max(history, key=lambda h: h["test_acc"])
     final_line = f"FINAL test accuracy (epoch {final['epoch']}): {final['test_acc']:.2%}"
     if "test_acc_tta" in final:
         final_line = (f"FINAL test accuracy (epoch {final['epoch']}): {final['test_acc_tta']:.2%} with test-time "
                       f"augmentation {final.get('tta', cfg.tta)} ({final['test_acc']:.2%} without)")
-    log(f"{final_line}\n"
-         f"best epoch {best['epoch']}: {best['test_acc']:.2%} (selected on the test set: not an unbiased estimate)\n"
-         f"model size: float32 {float_bytes / 2**20:.2f} MiB, int{cfg.bits} file {file_bytes / 2**20:.2f} MiB "
-         f"(x{float_bytes / file_bytes:.1f} smaller)\n"
-         f"time this run: {time.perf_counter() - run_start:.0f}s\n"
-         f"model file: {model_path}")
+    say(f"{final_line}\n"
+        f"best epoch {best['epoch']}: {best['test_acc']:.2%} (selected on the test set: not an unbiased estimate)\n"
+        f"model size: float32 {float_bytes / 2**20:.2f} MiB, int{cfg.bits} file {file_bytes / 2**20:.2f} MiB "
+        f"(x{float_bytes / file_bytes:.1f} smaller)\n"
+        f"time this run: {time.perf_counter() - run_start:.0f}s\n"
+        f"model file: {model_path}")
     return history
 
 
 class _progress:
-    """tqdm bar with images/s, running loss and accuracy; a silent stand-in when disabled."""
+    """tqdm bar with images/s, running loss and accuracy; a silent stand-in when disabled (or
+    `shown` False: ranks other than 0)."""
 
-    def __init__(self, steps, done, epoch, cfg):
+    def __init__(self, steps, done, epoch, cfg, shown=True):
         self.bar = None
-        if cfg.progress:
+        if cfg.progress and shown:
             from tqdm import tqdm
             self.bar = tqdm(total=steps * cfg.batch_size, initial=done * cfg.batch_size, unit="img", unit_scale=True,
                             desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
@@ -528,7 +623,8 @@ def build_parser():
                    "5e-4, grad clip 0.5, tanh a=3, cosine annealing, 150 epochs, batch 128, crop+flip); explicit "
                    "flags still override")
     p.add_argument("--epochs", type=int, help=f"passes over the training set (default {d.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"images per step (default {d.batch_size})")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default {d.batch_size}); under mpiexec the global "
+                   "batch, split evenly across the ranks")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], help="default sgd (momentum 0.9, Nesterov)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 0.1 for sgd, 1e-3 for adamw)")
     p.add_argument("--schedule", choices=["onecycle", "cosine", "constant"],
@@ -572,7 +668,9 @@ def build_parser():
                         f"accuracy is still at chance level {safeguards.CHANCE_MIN_STEPS} steps after the warm-up; "
                         f"0: never (default {d.divergence_factor})")
     p.add_argument("--threads", type=int, help="CPU threads for Numba and BLAS, 1 to the number of cores "
-                   "(default: all cores)")
+                   "(default: all cores; under mpiexec, per rank: the machine's cores divided among its ranks)")
+    p.add_argument("--sync-bn", action="store_true", help="under mpiexec: batch-norm statistics over the global "
+                   "batch (N ranks then compute what one process computes); default: each rank's own, as PyTorch DDP")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     return p
@@ -605,14 +703,15 @@ def config_from_args(argv=None):
 
 
 def main(argv=None):
-    """The CLI: exit code 0, 2 on a refused input (one line on stderr), 130 on Ctrl-C, 143 on SIGTERM."""
+    """The CLI: exit code 0, 2 on a refused input (one line on stderr), 130 on Ctrl-C, 143 on SIGTERM;
+    the same under mpiexec, where rank 0 reports for all (distributed.run_command)."""
     def body():
         values = flag_values(argv)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught by name
             train(TrainConfig(**values), given=values)
         return 0
 
-    return cli.run_command(body, memory_hint="lower --batch-size")
+    return distributed.run_command(body, memory_hint="lower --batch-size")
 
 
 if __name__ == "__main__":
