@@ -275,29 +275,6 @@ def test_resume_from_mid_epoch_equals_the_uninterrupted_run(smoke_run, tmp_path,
     assert_same_run(tmp_path, smoke_run[1])
 
 
-def test_ctrl_c_during_training_only_requests_a_stop():
-    with train_module._StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
-            os.kill(os.getpid(), signal.SIGINT)
-
-
-def test_stop_request_restores_the_previous_signal_handlers():
-    def sentinel(signum, frame):
-        pass
-
-    previous = {sig: signal.signal(sig, sentinel) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with train_module._StopRequest():
-            assert signal.getsignal(signal.SIGINT) is not sentinel
-        assert signal.getsignal(signal.SIGINT) is sentinel
-        assert signal.getsignal(signal.SIGTERM) is sentinel
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 # ----------------------------------------------------------------------------- non-finite loss
 
 def nan_loss_on_training_step(n, monkeypatch):
