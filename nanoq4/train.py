@@ -33,7 +33,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import blas, cli, data, distributed, export, models, nn, ops, optim, quant, runlog, safeguards
+from . import cli, data, distributed, export, models, nn, ops, optim, parallel, quant, runlog, safeguards
 from .errors import NanoQ4Error
 from .tensor import Tensor, no_grad
 from .tta import TTA_MODES, predict_logits
@@ -257,13 +257,6 @@ def grid_summary(model, cfg, prev_codes):
     return stats
 
 
-def set_threads(threads):
-    if not threads:
-        return
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    blas.set_threads(threads)
-
-
 # ----------------------------------------------------------------------------- setup
 
 class Run:
@@ -392,7 +385,7 @@ def setup(cfg, given, group):
     run.group, run.say = group, runlog.log if group.is_root else runlog.silent
     cfg, checkpoint, changes = settle_config(cfg, given, group)
     out, replacing = group.on_root(_choose_run_folder, cfg)
-    set_threads(cfg.threads or group.default_threads())
+    parallel.set_threads(cfg.threads or group.default_threads())
     dataset = group.in_turns(lambda: data.load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
                                                        coarse=cfg.coarse))
     if dataset.num_classes < 2:

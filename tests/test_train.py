@@ -323,22 +323,6 @@ def test_huge_learning_rate_ends_with_exit_code_2_and_one_line(tmp_path, capsys)
     assert "step" in err and "lower" in err and "--lr" in err
 
 
-def test_threads_flag_sets_numba_and_blas_threads():
-    import numba
-
-    from nanoq4 import blas
-    numba_before, blas_before = numba.get_num_threads(), blas.get_threads()
-    try:
-        train_module.set_threads(1)
-        assert numba.get_num_threads() == 1
-        if blas.available():
-            assert blas.get_threads() == 1
-    finally:
-        numba.set_num_threads(numba_before)
-        if blas_before:
-            blas.set_threads(blas_before)
-
-
 # ----------------------------------------------------------------------------- signals and the printed command
 
 def test_sigterm_during_training_saves_a_checkpoint_and_exits_143(tmp_path, monkeypatch):
