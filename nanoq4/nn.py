@@ -8,9 +8,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import ops, quant
+from . import ops, profile, quant
 from .errors import NanoQ4Error
-from .tensor import Function, Tensor, profiled
+from .tensor import Function, Tensor
 
 _rng = np.random.default_rng(0)
 
@@ -190,7 +190,7 @@ class QuantizedWeight:
         if self.stored is not None:
             self.codes, self.scale, w_q = self.stored
         else:
-            with profiled("fake_quantize"):
+            with profile.timed("fake_quantize"):
                 w_q, self.codes, self.scale = quant.fake_quantize_fast(self.weight.data, self.bits,
                                                                        self.per_channel)
         # w_q is a plain ndarray computed from weight.data, so the rounding and max|W| record no graph,

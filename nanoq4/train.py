@@ -33,7 +33,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import cli, data, distributed, export, models, nn, ops, optim, parallel, quant, runlog, safeguards
+from . import cli, data, distributed, export, models, nn, ops, optim, parallel, profile, quant, runlog, safeguards
 from .errors import NanoQ4Error
 from .tensor import Tensor, no_grad
 from .tta import TTA_MODES, predict_logits
@@ -598,6 +598,8 @@ def finish(run, run_start):
     float_bytes, file_bytes = run.group.on_root(write_model_file)
     seconds = time.perf_counter() - run_start
     run.say(runlog.final_report(run.history, cfg, float_bytes, file_bytes, seconds, model_path))
+    if profile.enabled:  # NANOQ4_PROFILE=1: where this process's time went, op by op
+        run.say(f"\nper-op time of this run (NANOQ4_PROFILE=1):\n{profile.table()}")
     return run.history
 
 
