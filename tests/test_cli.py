@@ -102,6 +102,15 @@ def test_help_shows_the_config_default(field):
     assert action.help.endswith(f"(default {field.default})")
 
 
+@pytest.mark.parametrize("parser", ["train", "evaluate", "export_onnx"])
+def test_the_dataset_choices_are_spelled_in_one_place(parser, capsys):
+    """--dataset (train, evaluate) and --verify (export_onnx) name the choices data.py accepts."""
+    from nanoq4 import export_onnx
+    entry = {"train": main, "evaluate": evaluate.main, "export_onnx": export_onnx.main}[parser]
+    code, out, _ = run_cli(entry, ["--help"], capsys)
+    assert code == 0 and data.DATASET_CHOICES in " ".join(out.split())
+
+
 def test_no_flag_has_an_argparse_default():
     """A flag that was not typed must read None, so that --resume takes that setting from the checkpoint."""
     assert [a.dest for a in build_parser()._actions if a.dest != "help" and a.default is not None] == []
