@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoq4 import cli, distributed, models, nn, ops, safeguards
+from nanoq4 import cli, distributed, models, nn, ops, parallel, safeguards
 from nanoq4 import train as train_module
 from nanoq4.tensor import Tensor
 
@@ -49,7 +49,7 @@ def worker(batch, steps, threads, sync_bn):
     """One configuration: this process (or each rank under mpiexec) times the trainer's step on
     its share of a random batch of `batch` images; rank 0 prints the RESULT line."""
     group = distributed.world()
-    train_module.set_threads(threads)
+    parallel.set_threads(threads)
     cfg = train_module.TrainConfig(batch_size=batch, sync_bn=sync_bn)
     nn.manual_seed(cfg.seed)
     model = models.build_model("vgg4bit", 10, quantize=True, bits=cfg.bits, per_channel=cfg.per_channel,

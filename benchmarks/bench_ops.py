@@ -19,7 +19,7 @@ import time
 import numba
 import numpy as np
 
-from nanoq4 import blas, cli, kernels, ops
+from nanoq4 import cli, kernels, ops, parallel
 from nanoq4.tensor import Tensor
 
 # (name, spatial size H = W, Cin, Cout): 3->64, 64->64 | pool | 64->128, 128->128 | pool | 128->256, 256->256
@@ -87,7 +87,7 @@ def thread_info():
     config = np.show_config(mode="dicts")
     blas_info = config.get("Build Dependencies", {}).get("blas", {})
     lines.append(f"BLAS: {blas_info.get('name')} {blas_info.get('version')}, "
-                 f"{blas.get_threads() or 'unknown'} threads")
+                 f"{parallel.get_blas_threads() or 'unknown'} threads")
     lines.append(f"cpus: {os.cpu_count()}, numpy {np.__version__}, numba {numba.__version__}")
     return lines
 

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nanoq4 import cli, export, models, nn, ops, optim, tensor  # noqa: E402
+from nanoq4 import cli, export, models, nn, ops, optim, profile  # noqa: E402
 from nanoq4.tensor import Tensor, no_grad  # noqa: E402
 
 # (H=W, Cin, Cout) of the six 3x3 convolutions, then the two linear layers (in, out)
@@ -76,7 +76,6 @@ def bench_nanoq4(batch, steps):
     x = rng.standard_normal((batch, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 10, batch)
     parts = {"forward": [], "backward": [], "optimizer": []}
-    optimizer_parts = {"optimizer: clip grad norm": [], "optimizer: AdamW + tanh clip": []}
 
     def step(record):
         t0 = time.perf_counter()
@@ -86,27 +85,21 @@ def bench_nanoq4(batch, steps):
         loss.backward()
         t2 = time.perf_counter()
         optim.clip_grad_norm(opt.parameters(), 0.5)
-        t_clip = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
         if record:
             parts["forward"].append(t1 - t0)
             parts["backward"].append(t2 - t1)
             parts["optimizer"].append(t3 - t2)
-            optimizer_parts["optimizer: clip grad norm"].append(t_clip - t2)
-            optimizer_parts["optimizer: AdamW + tanh clip"].append(t3 - t_clip)
 
     start = time.perf_counter()
     step(False)  # compiles (or loads from cache) every Numba kernel on the path
     first = time.perf_counter() - start
     step(False)
-    tensor.op_times.clear()
-    tensor.PROFILE = True
-    for _ in range(steps):
-        step(True)
-    tensor.PROFILE = False
-    table = {k: v / steps for k, v in tensor.op_times.items()}
-    table.update({k: float(np.median(v)) for k, v in optimizer_parts.items()})
+    with profile.profiling():  # the package's per-op timing, as NANOQ4_PROFILE=1 gives it
+        for _ in range(steps):
+            step(True)
+    table = profile.table(steps, min_ms=0.5)
     totals = [sum(t) for t in zip(*parts.values())]
     train_rss = peak_rss_mb()
 
@@ -231,15 +224,11 @@ def main():
     print(f"nanoq4 step (median of {args.steps}): {r['step']:.3f} s = {b / r['step']:.0f} images/s, "
           f"{gflop / r['step']:.0f} GFLOP/s, {r['step'] / gemm_s:.2f}x the bare GEMM time")
     print("  " + ", ".join(f"{k} {v:.3f} s" for k, v in r["parts"].items()))
-    print(f"\n{'op (per step)':<28}{'ms':>9}{'share':>8}")
-    total = sum(r["table"].values())
-    for name, sec in sorted(r["table"].items(), key=lambda kv: -kv[1]):
-        if sec >= 5e-4:
-            print(f"{name:<28}{sec * 1e3:>9.1f}{sec / total:>8.1%}")
+    print("\n" + r["table"])
     try:
         from bench_data import bench_batch_ms
         data_ms = bench_batch_ms(b)
-        print(f"{'data: augmented batch':<28}{data_ms:>9.1f}{data_ms / 1e3 / r['step']:>8.1%}  (of a step)")
+        print(f"{'data: augmented batch':<32}{data_ms:>10.3f}{'':>8}{data_ms / 1e3 / r['step']:>8.1%}  (of a step)")
     except ImportError:
         pass
     print(f"\n{'convolution alone':<24}{'route':<13}{'fwd ms':>8}{'bwd ms':>8}{'GFLOP/s*':>10}")

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from bench_ops import VGG4BIT_CONVS, interleaved_medians, thread_info  # this folder is on sys.path
-from nanoq4 import blas, cli, ops, winograd
+from nanoq4 import cli, ops, parallel, winograd
 from nanoq4.tensor import Tensor
 
 
@@ -66,7 +66,7 @@ def environment():
     """bench_ops's thread/BLAS lines, plus what decides how the Winograd chunks run."""
     lines = thread_info() + [
         f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}; per-chunk workers: "
-        f"{'yes' if blas.available() else 'no, BLAS threads not settable'}"]
+        f"{'yes' if parallel.blas_available() else 'no, BLAS threads not settable'}"]
     if hasattr(os, "getloadavg"):
         lines.append("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     return lines

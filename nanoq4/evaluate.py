@@ -10,7 +10,7 @@ from . import cli, data
 from .errors import NanoQ4Error
 from .export import load_model
 from .tensor import Tensor, no_grad
-from .tta import TTA_MODES, predict_logits
+from .tta import TTA_MODES, check_tta_mode, predict_logits
 
 def confusion_matrix(labels, predictions, num_classes):
     """counts[true, predicted]."""
@@ -23,16 +23,14 @@ def evaluate_file(model_path, dataset_spec, data_dir=None, download=True, coarse
                   tta="none"):
     """-> dict(accuracy, per_class, confusion, classes, tta) of the model file on the dataset's test
     split (the training images are not read). The model's class names must be the dataset's."""
-    if tta not in TTA_MODES:
-        raise NanoQ4Error(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_MODES)}")
+    check_tta_mode(tta)
     data.check_dataset_spec(dataset_spec, coarse)
     model = load_model(model_path)
     dataset = data.load_dataset(dataset_spec, data_dir, download=download, coarse=coarse,
                                 image_size=model.input_size, train=False)
     check_class_names(model_path, model.class_names, dataset_spec, dataset.classes)
     with no_grad():
-        norm = model.header["normalization"]  # the float64 values the trainer normalized with
-        logits = predict_logits(lambda xb: model.model(Tensor(xb)).data, dataset.x_test, norm["mean"], norm["std"],
+        logits = predict_logits(lambda xb: model.model(Tensor(xb)).data, dataset.x_test, model.mean, model.std,
                                 tta, batch_size)
     predictions = logits.argmax(axis=1)
     confusion = confusion_matrix(dataset.y_test, predictions, len(model.class_names))
@@ -114,7 +112,7 @@ def main(argv=None):
                            description="Accuracy of an exported int4 model file (.nq4) on a test set "
                                        "(only its test split is read).")
     p.add_argument("model", help="the .nq4 model file")
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, synthetic or folder:PATH (default %(default)s)")
+    p.add_argument("--dataset", default="cifar10", help=f"{data.DATASET_CHOICES} (default %(default)s)")
     p.add_argument("--data-dir", help="data folder (default $NANOQ4_DATA, else ./data)")
     p.add_argument("--coarse", action="store_true", help="CIFAR-100 coarse labels")
     p.add_argument("--no-download", action="store_true", help="never download missing data")

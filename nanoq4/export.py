@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, quant
+from . import data, ops, quant
 from .nn import QuantizedWeight
 from .errors import NanoQ4Error
 from .models import build_model, quantized_layers
-from .tensor import no_grad
+from .tensor import Tensor, no_grad
 
 MAGIC = b"NANOQ4\x00M"
 FORMAT_VERSION = 2
@@ -125,24 +125,25 @@ class InferenceModel:
         self.header = header
         self.arch = header["architecture"]
         self.class_names = header["class_names"]
-        self.mean = np.asarray(header["normalization"]["mean"], dtype=np.float32)
-        self.std = np.asarray(header["normalization"]["std"], dtype=np.float32)
+        # the float64 values the trainer normalized with: data.normalize_images gives the same floats
+        self.mean = tuple(header["normalization"]["mean"])
+        self.std = tuple(header["normalization"]["std"])
         self.input_size = header["input_size"]
+
+    def normalize(self, images_uint8):
+        """uint8 NHWC images -> the float32 input the model was trained on (data.normalize_images)."""
+        return data.normalize_images(images_uint8, self.mean, self.std)
 
     def logits(self, x, batch_size=1000):
         """x: float32 NHWC already normalized -> (N, classes) float32 logits."""
-        from .tensor import Tensor
         with no_grad():
             return np.concatenate([self.model(Tensor(x[i:i + batch_size])).data
                                    for i in range(0, len(x), batch_size)])
 
     def predict_proba(self, images_uint8, batch_size=1000):
-        """uint8 NHWC images -> softmax probabilities."""
-        norm = self.header["normalization"]  # the values, and the lookup table, the trainer normalized with
-        x = data.normalize_images(images_uint8, norm["mean"], norm["std"])
-        z = self.logits(x, batch_size)
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
+        """uint8 NHWC images -> softmax probabilities: exp of ops.log_softmax of the logits."""
+        logits = self.logits(self.normalize(images_uint8), batch_size)
+        return np.exp(ops.log_softmax(Tensor(logits)).data)
 
 
 def _read_model_file(path):

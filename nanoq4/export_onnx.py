@@ -157,8 +157,7 @@ def onnx_model(nq4_path):
     onnx = _require("onnx")
     loaded = load_model(nq4_path)
     graph = _Graph(onnx, loaded.model, _stored_codes(nq4_path), loaded.arch["bits"])
-    norm = loaded.header["normalization"]
-    graph.node("Identity", [graph.layer(loaded.model, graph.normalize(norm["mean"], norm["std"]))], OUTPUT)
+    graph.node("Identity", [graph.layer(loaded.model, graph.normalize(loaded.mean, loaded.std))], OUTPUT)
     size, helper, float32 = loaded.input_size, onnx.helper, onnx.TensorProto.FLOAT
     described_input = (f"{INPUT}: float32 (N, 3, {size}, {size}) NCHW, RGB pixel values 0..255; the graph "
                        f"normalizes them as (x / 255 - mean) / std")
@@ -170,7 +169,8 @@ def onnx_model(nq4_path):
         opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION, producer_name="nanoq4",
         doc_string=f"nanoq4 {loaded.arch['model']} with packed int4 weights; run it in onnxruntime with the session "
                    f"config entry {FLOAT_ACTIVATIONS[0]}={FLOAT_ACTIVATIONS[1]} (float32 activations)")
-    helper.set_model_props(model, {"class_names": json.dumps(loaded.class_names), "normalization": json.dumps(norm),
+    helper.set_model_props(model, {"class_names": json.dumps(loaded.class_names),
+                                   "normalization": json.dumps(loaded.header["normalization"]),
                                    "architecture": json.dumps(loaded.arch), "input": described_input})
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -218,8 +218,7 @@ def onnx_logits(session, images, batch_size=250):
 
 def nanoq4_logits(model, images, batch_size=250):
     """(N, classes) logits of uint8 NHWC images from a loaded .nq4 model (export.InferenceModel)."""
-    norm = model.header["normalization"]
-    return np.concatenate([model.logits(data.normalize_images(images[i:i + batch_size], norm["mean"], norm["std"]))
+    return np.concatenate([model.logits(model.normalize(images[i:i + batch_size]))
                            for i in range(0, len(images), batch_size)])
 
 
@@ -269,7 +268,7 @@ def main(argv=None):
     p.add_argument("output", help="the ONNX file to write (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--verify", metavar="DATASET",
-                   help="then run the test split of DATASET (cifar10, cifar100, synthetic or folder:PATH) through "
+                   help=f"then run the test split of DATASET ({data.DATASET_CHOICES}) through "
                         "nanoq4 and onnxruntime: accuracy and images/s of each, and how far the logits differ")
     p.add_argument("--data-dir", help="data folder for --verify (default $NANOQ4_DATA, else ./data)")
     p.add_argument("--coarse", action="store_true", help="CIFAR-100 coarse labels for --verify")

@@ -8,9 +8,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import ops, quant
+from . import ops, profile, quant
 from .errors import NanoQ4Error
-from .tensor import Function, Tensor, profiled
+from .tensor import Function, Tensor
 
 _rng = np.random.default_rng(0)
 
@@ -158,6 +158,10 @@ class STE(Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # grad is dL/dW_q, computed by the conv/linear backward from the weight it used (W_q).
+        # It goes to the latent float W unchanged: dW_q/dW is taken to be the identity, since
+        # rint's true derivative is 0 almost everywhere and W would never move. There is one
+        # gradient to return because W is the only parent (see quantized_weight).
         return grad
 
 
@@ -182,11 +186,17 @@ class QuantizedWeight:
         self.stored = (np.asarray(codes), np.asarray(scale, dtype=np.float32), w_q)
 
     def quantized_weight(self):
+        """The weight the layer computes with: W_q as a Tensor whose gradient reaches self.weight."""
         if self.stored is not None:
             self.codes, self.scale, w_q = self.stored
         else:
-            with profiled("fake_quantize"):
-                w_q, self.codes, self.scale = quant.fake_quantize(self.weight.data, self.bits, self.per_channel)
+            with profile.timed("fake_quantize"):
+                w_q, self.codes, self.scale = quant.fake_quantize_fast(self.weight.data, self.bits,
+                                                                       self.per_channel)
+        # w_q is a plain ndarray computed from weight.data, so the rounding and max|W| record no graph,
+        # and Function.apply makes parents only of Tensors: W (self.weight) is the STE's one parent and
+        # w_q is its output's value. The conv/linear backward then gives dL/dW_q, which the STE hands to
+        # W.grad unchanged; the scale counts as a constant of the step.
         return STE.apply(self.weight, w_q)
 
     def quantized_codes(self):

@@ -145,11 +145,35 @@ class Linear(Function):
         return (dx, dw, grad.sum(axis=0)) if ctx.has_bias else (dx, dw)
 
 
-CONV_CHUNK_BYTES = 128 << 20  # im2col buffer per chunk of images: bounds memory at any batch size
+# ----------------------------------------------------------------------------- convolution
+
+class Conv2d(Function):
+    """2-D convolution (N,H,W,Cin) * (Cout,KH,KW,Cin) -> (N,OH,OW,Cout), zero padding, by one of
+    two algorithms with the same result: Winograd F(2x2, 3x3) for wide 3x3 / stride 1 / padding 1
+    layers (uses_winograd), im2col + GEMM for every other. forward picks one, and backward asks the
+    same one for dx and dW; each saves what its own backward needs in ctx. The bias is added here."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None, stride=1, padding=0):
+        if w.shape[3] != x.shape[3]:
+            raise ValueError(f"conv2d: input has {x.shape[3]} channels, weight expects {w.shape[3]}")
+        ctx.algorithm = Winograd3x3 if uses_winograd(w.shape, stride, padding) else Im2colGemm
+        ctx.has_bias = b is not None
+        out = ctx.algorithm.forward(ctx, x, w, stride, padding)
+        if b is not None:
+            out += b
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.algorithm.backward(ctx, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (dx, dw, grad.reshape(-1, grad.shape[-1]).sum(axis=0)) if ctx.has_bias else (dx, dw)
+
+
 # 3x3 / stride 1 / padding 1 convolutions with at least this many input channels run as Winograd
 # F(2x2, 3x3) (2.25x fewer multiplications; see winograd.py). Below it the transforms cost more
-# than they save (the Cin = 3 first layer measured 2x slower). NANOQ4_WINOGRAD=0 turns it off,
-# for comparisons.
+# than they save (VGG's 3-channel first layer runs slower as Winograd). NANOQ4_WINOGRAD=0 turns
+# it off, for comparisons.
 WINOGRAD_MIN_CIN = 64 if os.environ.get("NANOQ4_WINOGRAD", "1") != "0" else None
 
 
@@ -160,31 +184,44 @@ def uses_winograd(w_shape, stride, padding):
             and cin >= WINOGRAD_MIN_CIN)
 
 
-class Conv2d(Function):
-    """2-D convolution as im2col + GEMM: (N,H,W,Cin) * (Cout,KH,KW,Cin) -> (N,OH,OW,Cout).
+class Winograd3x3:
+    """Conv2d's algorithm for 3x3 / stride 1 / padding 1 layers: winograd.py, which computes each
+    2x2 output block from a 4x4 input window with 2.25x fewer multiplications.
+    ctx.saved = (x, w): the input (backward recomputes its transform from it) and the weight."""
 
-    3x3 / stride 1 / padding 1 layers with wide inputs go to winograd.py instead (uses_winograd).
-    The batch is processed in chunks of images whose im2col matrix fits in CONV_CHUNK_BYTES,
-    so memory stays flat at any batch size (smaller chunks measured slower: BLAS wants tall
-    GEMMs). Backward recomputes each chunk's patches (cheaper than keeping 300 MB of them) for
-    dW^T = cols^T @ dY and scatters dcols = dY @ W back with col2im, skipped when the input
-    needs no gradient (the image batch).
+    @staticmethod
+    def forward(ctx, x, w, stride, padding):
+        out, saved_x = winograd.conv3x3_forward(x, w)
+        ctx.save_for_backward(saved_x, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, need_x, need_w):
+        x, w = ctx.saved
+        return winograd.conv3x3_backward(grad, x, x.shape, w, need_x=need_x, need_w=need_w)
+
+
+CONV_CHUNK_BYTES = 128 << 20  # im2col buffer per chunk of images: bounds memory at any batch size
+
+
+class Im2colGemm:
+    """Conv2d's algorithm for any kernel size, stride and padding: im2col + GEMM.
+
+    Each output pixel's receptive field is one row of the im2col matrix `cols` (K = KH*KW*Cin
+    values, kernels.py), and y = cols @ W^T with W the (Cout, K) weight matrix. The batch is
+    processed in chunks of images whose im2col matrix fits in CONV_CHUNK_BYTES, so memory stays
+    flat at any batch size (smaller chunks run slower: BLAS wants tall GEMMs). Backward recomputes
+    each chunk's patches (cheaper than keeping them all: 9x the input for a 3x3 kernel) for
+    dW^T = cols^T @ dY and scatters dcols = dY @ W back with col2im, skipped when the input needs
+    no gradient (the image batch).
+    ctx.saved = (x, wmat): the input and the (Cout, K) weight matrix; ctx.geometry = (w.shape,
+    stride, padding, OH, OW).
     """
 
     @staticmethod
-    def forward(ctx, x, w, b=None, stride=1, padding=0):
+    def forward(ctx, x, w, stride, padding):
         n, h, wd, cin = x.shape
-        cout, kh, kw, wcin = w.shape
-        if wcin != cin:
-            raise ValueError(f"conv2d: input has {cin} channels, weight expects {wcin}")
-        ctx.winograd = uses_winograd(w.shape, stride, padding)
-        if ctx.winograd:
-            out, saved_x = winograd.conv3x3_forward(x, w)
-            if b is not None:
-                out += b
-            ctx.save_for_backward(saved_x, w)
-            ctx.geometry = (w.shape, stride, padding, h, wd, b is not None)
-            return out
+        cout, kh, kw, _ = w.shape
         oh = kernels.conv_output_size(h, kh, stride, padding)
         ow = kernels.conv_output_size(wd, kw, stride, padding)
         wmat = w.reshape(cout, -1)
@@ -192,24 +229,18 @@ class Conv2d(Function):
         out = np.empty((n * oh * ow, cout), dtype=np.result_type(x, w))
         for s, e, cols in _conv_chunks(x, kh, kw, stride, padding, oh, ow):
             np.matmul(cols, wmat_t, out=out[s * oh * ow:e * oh * ow])
-        if b is not None:
-            out += b
         ctx.save_for_backward(x, wmat)
-        ctx.geometry = (w.shape, stride, padding, oh, ow, b is not None)
+        ctx.geometry = (w.shape, stride, padding, oh, ow)
         return out.reshape(n, oh, ow, cout)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, need_x, need_w):
         x, wmat = ctx.saved
-        w_shape, stride, padding, oh, ow, has_bias = ctx.geometry
+        w_shape, stride, padding, oh, ow = ctx.geometry
         cout, kh, kw, cin = w_shape
         g = grad.reshape(-1, cout)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.winograd:  # saved = (x, w): here `wmat` is the (Cout, 3, 3, Cin) weight itself
-            dx, dw = winograd.conv3x3_backward(grad, x, x.shape, wmat, need_x=need_x, need_w=need_w)
-            return (dx, dw, g.sum(axis=0)) if has_bias else (dx, dw)
         # dW is accumulated transposed, (K, Cout) = cols^T @ dY: OpenBLAS runs this orientation
-        # ~10x faster than dY^T @ cols, whose long reduction it barely parallelizes.
+        # much faster than dY^T @ cols, whose long reduction it barely parallelizes.
         dw_t = np.zeros(wmat.shape[::-1], dtype=g.dtype) if need_w else None
         dx = np.empty(x.shape, dtype=g.dtype) if need_x else None
         partial_dw_t = np.empty_like(dw_t) if need_w else None
@@ -228,7 +259,7 @@ class Conv2d(Function):
                 else:
                     kernels.col2im(dcols[:len(g_chunk)], dx[s:e].shape, kh, kw, stride, padding, out=dx[s:e])
         dw = np.ascontiguousarray(dw_t.T).reshape(w_shape) if need_w else None
-        return (dx, dw, g.sum(axis=0)) if has_bias else (dx, dw)
+        return dx, dw
 
 
 def _conv_chunks(x, kh, kw, stride, padding, oh, ow, need_cols=True):

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from . import kernels, quant
+from . import kernels, profile, quant
 
 
 def param_groups(model, weight_decay):
@@ -22,12 +22,13 @@ def param_groups(model, weight_decay):
 
 def clip_grad_norm(params, max_norm):
     """Scale all gradients so their global L2 norm is at most max_norm; return the norm before."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
-    if total > max_norm:
-        factor = max_norm / (total + 1e-6)
-        for g in grads:
-            g *= g.dtype.type(factor)
+    with profile.timed("clip_grad_norm"):
+        grads = [p.grad for p in params if p.grad is not None]
+        total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+        if total > max_norm:
+            factor = max_norm / (total + 1e-6)
+            for g in grads:
+                g *= g.dtype.type(factor)
     return total
 
 
@@ -55,12 +56,14 @@ class Optimizer:
 
     def step(self):
         self.step_count += 1
-        for gi, group in enumerate(self.groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    self.state[gi][pi] = self.update(p.data, p.grad, self.state[gi][pi], group["weight_decay"])
+        with profile.timed(type(self).__name__ + ".step"):
+            for gi, group in enumerate(self.groups):
+                for pi, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        self.state[gi][pi] = self.update(p.data, p.grad, self.state[gi][pi], group["weight_decay"])
         for hook in self.post_step_hooks:
-            hook(self)
+            with profile.timed(type(hook).__name__):
+                hook(self)
 
     def update(self, w, grad, state, weight_decay):
         raise NotImplementedError

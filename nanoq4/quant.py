@@ -6,8 +6,10 @@ so 4 bits give 15 levels -7..7 (the two's-complement code -8 is never produced).
 recomputed at every forward from the current weights:
     c = max|W|,  s = c / qmax,  codes = clamp(rint(W / s), -qmax, qmax),  W_q = codes * s
 rint rounds half to even, like torch.round. When s would be 0 (an all-zero tensor or row) the
-scale is 1.0 instead, so the codes are 0 and nothing is NaN. The straight-through estimator
-(gradient of W_q passed to W unchanged) lives in the layers, not here.
+scale is 1.0 instead, so the codes are 0 and nothing is NaN. `fake_quantize` is exactly these
+formulas in plain NumPy: read it first. Training runs its fast twin `fake_quantize_fast` (two
+Numba kernels, the same bits; the tests hold them equal). The straight-through estimator
+(gradient of W_q passed to W unchanged) lives in the layers: nn.STE.
 
 Layout. Axis 0 of a weight is the output channel: conv weights are (Cout, KH, KW, Cin), linear
 weights (out, in). Per-channel quantization gives one scale per output channel, shape (Cout,);
@@ -20,7 +22,8 @@ in its LOW nibble and code 2i+1 in its HIGH nibble, each as a 4-bit two's-comple
 (-1 -> 0xF, -8 -> 0x8). Codes [1, -1] pack to the single byte 0xF1. An odd count leaves the
 last byte's high nibble 0.
 
-Every Numba kernel has a plain-NumPy `*_reference` twin that the tests compare it against.
+Every Numba kernel has a plain-NumPy twin that the tests compare it against: for the quantizer
+the plain one is the definition, `fake_quantize`; elsewhere it is named `*_reference`.
 Errors: NanoQ4Error for settings a user chooses (bits, alpha, k) and for diverged weights;
 ValueError for programming mistakes (wrong dtypes, shapes, code ranges, buffer sizes).
 """
@@ -34,7 +37,7 @@ from .errors import NanoQ4Error
 MIN_BITS, MAX_BITS = 2, 8
 
 
-# ----------------------------------------------------------------------------- grid and scale
+# ----------------------------------------------------------------------------- the definition
 
 def qmax(bits: int) -> int:
     """Largest code of the symmetric b-bit grid: 2**(bits-1) - 1 (7 for 4 bits)."""
@@ -42,6 +45,44 @@ def qmax(bits: int) -> int:
     if not is_integer or not MIN_BITS <= bits <= MAX_BITS:
         raise NanoQ4Error(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
     return 2 ** (int(bits) - 1) - 1
+
+
+def compute_scale(w, bits=4, per_channel=False) -> np.ndarray:
+    """float32 scale max|W| / qmax: shape () per tensor, (w.shape[0],) per output channel."""
+    magnitudes = np.abs(_rows_view(_as_weight(w), per_channel))
+    return _scale_from_max_abs(magnitudes.max(axis=1) if per_channel else magnitudes.max(), qmax(bits))
+
+
+def fake_quantize(w, bits=4, per_channel=False):
+    """(w_q, codes, scale): the weight snapped to the b-bit grid (w's dtype and shape; float64 in,
+    float64 out for gradient checks), its int8 codes, and the float32 scale.
+
+    The definition, line by line as in the module docstring. Training calls fake_quantize_fast,
+    which returns the same bits; the tests compare the two."""
+    q = qmax(bits)
+    w = _as_weight(w)
+    scale = compute_scale(w, bits, per_channel)
+    s = scale.reshape((-1,) + (1,) * (w.ndim - 1)) if per_channel else scale  # one scale per row of axis 0
+    codes = np.clip(np.rint(w / s), -q, q)
+    return codes * s, codes.astype(np.int8), scale
+
+
+def quantize(w, bits=4, per_channel=False):
+    """(codes int8, scale float32) for export: exactly the grid training used (fake_quantize_fast)."""
+    _, codes, scale = fake_quantize_fast(w, bits, per_channel)
+    return codes, scale
+
+
+def dequantize(codes, scale) -> np.ndarray:
+    """codes * scale as float32; a (Cout,) scale broadcasts over axis 0 of the codes."""
+    codes = np.asarray(codes)
+    scale = np.asarray(scale, dtype=np.float32)
+    if scale.ndim == 0:
+        return codes.astype(np.float32) * scale
+    if codes.ndim == 0 or scale.shape != (codes.shape[0],):
+        raise ValueError(f"a per-channel scale of shape {scale.shape} does not match codes "
+                         f"of shape {codes.shape} (one scale per row of axis 0)")
+    return codes.astype(np.float32) * scale.reshape((-1,) + (1,) * (codes.ndim - 1))
 
 
 def _as_weight(w):
@@ -71,6 +112,8 @@ def _scale_from_max_abs(max_abs, q):
                           "training diverged, lower the learning rate")
     return np.where(scale > 0, scale, np.float32(1.0))
 
+
+# ----------------------------------------------------------------------------- the fast twin
 
 # Sign-bit masks of IEEE-754 floats, by the unsigned integer type of the same width.
 _ABS_MASK = {np.dtype(np.float32): np.uint32(0x7FFF_FFFF),
@@ -106,15 +149,6 @@ def _row_max_abs_reference(rows):
     return np.abs(rows).max(axis=1)
 
 
-def compute_scale(w, bits=4, per_channel=False) -> np.ndarray:
-    """float32 scale max|W| / qmax: shape () per tensor, (w.shape[0],) per output channel."""
-    q = qmax(bits)
-    row_max = _row_max_abs(_rows_view(_as_weight(w), per_channel))
-    return _scale_from_max_abs(row_max if per_channel else row_max.max(), q)
-
-
-# ----------------------------------------------------------------------------- fake quantization
-
 @njit(parallel=True, cache=True)
 def _fake_quantize_rows_kernel(rows, row_scale, qmax, w_q, codes):
     """One pass writing both outputs of every element: code = clamp(rint(x / s), -qmax, qmax)
@@ -130,26 +164,13 @@ def _fake_quantize_rows_kernel(rows, row_scale, qmax, w_q, codes):
             w_q[r, j] = q * s
 
 
-def _fake_quantize_reference(w, bits=4, per_channel=False):
-    """NumPy twin of fake_quantize, written straight from the formulas."""
-    q = qmax(bits)
-    w = _as_weight(w)
-    if per_channel:
-        scale = _scale_from_max_abs(np.abs(w).reshape(w.shape[0], -1).max(axis=1), q)
-        s = scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    else:
-        scale = s = _scale_from_max_abs(np.abs(w).max(), q)
-    grid = np.clip(np.rint(w / s), -q, q)
-    return grid * s, grid.astype(np.int8), scale
+def fake_quantize_fast(w, bits=4, per_channel=False, out=None):
+    """fake_quantize computed by Numba kernels, bit for bit the same (w_q, codes, scale): what every
+    quantized layer runs at every training step (nn.QuantizedWeight).
 
-
-def fake_quantize(w, bits=4, per_channel=False, out=None):
-    """(w_q, codes, scale): the weight snapped to the b-bit grid (w's dtype and shape; float64
-    in, float64 out for gradient checks), its int8 codes, and the float32 scale.
-
-    Hot path: every quantized layer calls it at every training step. One parallel max-abs
-    reduction, then one fused pass writing w_q and codes. `out` reuses a C-contiguous w_q
-    buffer of w's shape and dtype.
+    Two passes instead of NumPy's chain of temporary arrays: one parallel max|W| per row on the weights' bit
+    patterns (_row_max_abs), then one fused pass writing w_q and codes (_fake_quantize_rows_kernel).
+    `out` reuses a C-contiguous w_q buffer of w's shape and dtype.
     """
     q = qmax(bits)
     w = _as_weight(w)
@@ -169,24 +190,6 @@ def fake_quantize(w, bits=4, per_channel=False, out=None):
     _fake_quantize_rows_kernel(rows, row_scale, rows.dtype.type(q),
                                out.reshape(rows.shape), codes.reshape(rows.shape))
     return out, codes, scale
-
-
-def quantize(w, bits=4, per_channel=False):
-    """(codes int8, scale float32) for export: exactly the grid fake_quantize trains on."""
-    _, codes, scale = fake_quantize(w, bits, per_channel)
-    return codes, scale
-
-
-def dequantize(codes, scale) -> np.ndarray:
-    """codes * scale as float32; a (Cout,) scale broadcasts over axis 0 of the codes."""
-    codes = np.asarray(codes)
-    scale = np.asarray(scale, dtype=np.float32)
-    if scale.ndim == 0:
-        return codes.astype(np.float32) * scale
-    if codes.ndim == 0 or scale.shape != (codes.shape[0],):
-        raise ValueError(f"a per-channel scale of shape {scale.shape} does not match codes "
-                         f"of shape {codes.shape} (one scale per row of axis 0)")
-    return codes.astype(np.float32) * scale.reshape((-1,) + (1,) * (codes.ndim - 1))
 
 
 # ----------------------------------------------------------------------------- tanh soft clip

@@ -5,32 +5,16 @@ A Tensor wraps a NumPy array (float32 for training, float64 for gradient checks)
 grad)` that returns one gradient per Tensor input. `Function.apply` runs forward and links the
 output to its inputs only when a gradient is needed, so inference builds no graph at all.
 Ops are coarse (a whole convolution, a whole batch norm): Python runs once per layer, NumPy
-and Numba do the element work.
+and Numba do the element work. With NANOQ4_PROFILE=1 every forward and backward is timed
+(profile.py).
 """
 import contextlib
-import os
-import time
-from collections import defaultdict
 
 import numpy as np
 
+from . import profile
+
 _grad_enabled = True
-PROFILE = os.environ.get("NANOQ4_PROFILE", "0") not in ("", "0")
-op_times = defaultdict(float)  # "Conv2d.forward" -> seconds, filled when PROFILE is on
-
-
-@contextlib.contextmanager
-def profiled(name):
-    """Add the block's time to op_times[name] when PROFILE is on: every Function's forward and
-    backward, and work outside any Function (fake quantization of the weights, for instance)."""
-    if not PROFILE:
-        yield
-        return
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        op_times[name] += time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -104,7 +88,7 @@ class Tensor:
                 node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
             node._ctx, node._graph_freed = None, True
-            with profiled(type(ctx).__name__ + ".backward"):
+            with profile.timed(type(ctx).__name__ + ".backward"):
                 parent_grads = ctx.backward(ctx, g)
             if not isinstance(parent_grads, tuple):
                 parent_grads = (parent_grads,)
@@ -157,7 +141,7 @@ class Function:
         needs_graph = _grad_enabled and any(ctx.needs_input_grad)
         if not needs_graph:
             ctx.needs_input_grad = (False,) * len(parents)
-        with profiled(cls.__name__ + ".forward"):
+        with profile.timed(cls.__name__ + ".forward"):
             out = cls.forward(ctx, *(a.data if isinstance(a, Tensor) else a for a in args), **kwargs)
         out = Tensor(out, requires_grad=needs_graph)
         if needs_graph:
@@ -171,12 +155,3 @@ class Function:
     @staticmethod
     def backward(ctx, grad):
         raise NotImplementedError
-
-
-def profile_table():
-    """The per-op time table collected when NANOQ4_PROFILE=1 (tinygrad's DEBUG habit)."""
-    total = sum(op_times.values()) or 1.0
-    rows = sorted(op_times.items(), key=lambda kv: -kv[1])
-    lines = [f"{'op':<32}{'seconds':>10}{'share':>8}"]
-    lines += [f"{name:<32}{sec:>10.3f}{sec / total:>8.1%}" for name, sec in rows]
-    return "\n".join(lines)

@@ -1,16 +1,18 @@
 """The training program: `python -m nanoq4.train --dataset cifar10`, or `train(TrainConfig(...))`.
 
-One epoch = shuffle/augment (data.BatchLoader) -> forward -> cross-entropy -> backward ->
-optional gradient-norm clip -> SGD/AdamW step -> tanh soft clip of the quantized weights.
-After each epoch: test accuracy, grid statistics of every quantized layer, a metrics.jsonl
-record, a curve PNG (if matplotlib is installed) and an atomic checkpoint. The final model is
-also evaluated with test-time augmentation (--tta). At the end the model is exported as a packed
-int4 file (model.nq4) and the FINAL epoch's test accuracy is reported, with and without TTA (the
-best epoch is shown too, labelled as selected on the test set).
+Read it top to bottom: the settings (TrainConfig: every default, unit and --help text in one
+place), the building blocks (optimizer, schedule, evaluation), setup() and the training loop
+train(), then the command line, whose flags are generated from TrainConfig.
 
-Never losing a run: every setting is checked before any work starts; a folder that holds a run
-is not overwritten without --overwrite; a checkpoint is only replaced by one whose weights,
-optimizer state and metrics are finite; a diverging run stops and keeps its last good
+One step = forward -> cross-entropy -> backward -> optional gradient-norm clip -> SGD/AdamW step
+-> tanh soft clip of the quantized weights (an optimizer hook). After each epoch: test accuracy,
+grid statistics of every quantized layer, a checkpoint and the run folder's metrics and curves
+(runlog.py). The final model is also evaluated with test-time augmentation (--tta), exported as a
+packed int4 file (model.nq4), and the FINAL epoch's test accuracy is reported.
+
+Never losing a run (safeguards.py): every setting is checked before any work starts; a folder that
+holds a run is not overwritten without --overwrite; a checkpoint is only replaced by one whose
+weights, optimizer state and metrics are finite; a diverging run stops and keeps its last good
 checkpoint; --resume continues with the checkpoint's own settings and refuses differing ones
 unless --allow-changes says so.
 
@@ -20,11 +22,9 @@ alone prints and writes files; without mpiexec nothing of this runs.
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -33,62 +33,12 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import blas, cli, data, distributed, export, models, nn, ops, optim, quant, safeguards
-from .tta import TTA_MODES, predict_logits
+from . import cli, data, distributed, export, models, nn, ops, optim, parallel, profile, quant, runlog, safeguards
 from .errors import NanoQ4Error
 from .tensor import Tensor, no_grad
+from .tta import TTA_MODES, predict_logits
 
-# 13 epochs of 196 steps of 256 images fit the 90-minute budget on 2 cores (README lists the
-# measured time and accuracy with the commands).
-DEFAULT_EPOCHS = 13
 EVAL_BATCH = 250  # images per evaluation forward; bounds the im2col buffer of the first layers
-
-
-@dataclass
-class TrainConfig:
-    """Every default in one place. Units in comments."""
-    dataset: str = "cifar10"            # cifar10 | cifar100 | synthetic | folder:PATH
-    model: str = "vgg4bit"              # vgg4bit | simpleresnet4bit
-    epochs: int = DEFAULT_EPOCHS        # passes over the training set
-    batch_size: int = 256               # images per step, over all ranks under mpiexec (256 runs ~10% more images/s than 128 on 2 cores)
-    optimizer: str = "sgd"              # sgd (momentum 0.9, Nesterov) | adamw
-    lr: float = None                    # peak learning rate; None: 0.1 for sgd, 1e-3 for adamw
-    momentum: float = 0.9               # SGD momentum
-    weight_decay: float = 5e-4          # on conv/linear weights only (not biases, not BN)
-    schedule: str = "onecycle"          # onecycle (warm-up, linear to 0) | cosine (warm-up, cosine to 0) | constant
-    warmup_epochs: float = 1.0          # linear warm-up length, in epochs
-    grad_clip: float = None             # max global gradient L2 norm; None: no clipping
-    tanh_alpha: float = 3.0             # tanh soft clip W <- a*tanh(W/a) after each step (paper: 3)
-    tanh_relative: float = None         # if set, a = k * RMS(W) per tensor instead of the absolute a
-    tanh_clip: bool = True              # False: the paper's "no tanh clip" ablation
-    bits: int = 4                       # weight bit width, 2..8 (4: levels -7..7)
-    per_channel: bool = True            # one scale per output channel (False: one per layer, the paper's)
-    fp32: bool = False                  # no quantization: the float32 baseline
-    label_smoothing: float = 0.2        # cross-entropy target smoothing (paper: 0)
-    dropout: float = 0.2                # dropout before the classifier (paper: 0.5, too strong for short runs)
-    tta: str = "flip-translate"         # test-time augmentation of the final evaluation: none | flip | flip-translate
-    augment: bool = True                # random crop (pad 4) + horizontal flip
-    coarse: bool = False                # CIFAR-100 coarse (20) labels
-    seed: int = 0                       # weights, data order, augmentation, dropout
-    data_dir: str = None                # else $NANOQ4_DATA, else ./data
-    download: bool = True               # fetch CIFAR if missing
-    out: str = None                     # run folder; None: runs/<time>-<dataset>-<model>
-    resume: str = None                  # checkpoint to continue from
-    threads: int = None                 # Numba and BLAS threads per process (None: all cores; under mpiexec each rank's share)
-    sync_bn: bool = False               # under mpiexec: batch-norm statistics of the global batch (default: each rank's own, as DDP)
-    progress: bool = True               # per-epoch progress bar
-    max_steps_per_epoch: int = None     # for smoke tests: cut each epoch short
-    overwrite: bool = False             # replace a run already in `out` (else refused: data loss)
-    allow_changes: bool = False         # resume with settings that differ from the checkpoint's (else refused)
-    divergence_factor: float = 4.0      # stop if the loss stays above this x its first value (safeguards.py); 0: off
-
-    def resolved_lr(self):
-        return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
-
-
-PAPER_RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=5e-4, grad_clip=0.5, tanh_alpha=3.0,
-                    schedule="cosine", warmup_epochs=0.0, epochs=150, batch_size=128, augment=True,
-                    per_channel=False, label_smoothing=0.0, dropout=0.5, tta="none")
 
 # Resuming: every setting comes from the checkpoint's config unless given (typed on the command
 # line). RESUME_KEYS must then agree with the checkpoint even with --allow-changes (the saved state
@@ -97,12 +47,92 @@ PAPER_RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=5e-4, grad_clip=0.5
 # other setting (lr, schedule, augmentation, ...) may differ only with --allow-changes.
 RESUME_KEYS = ("dataset", "model", "bits", "per_channel", "fp32", "coarse", "batch_size", "seed", "epochs",
                "optimizer", "dropout", "max_steps_per_epoch")
+FIXED_WITHIN_A_RUN = ", ".join(safeguards.flag_name(k) for k in RESUME_KEYS if k != "max_steps_per_epoch")
 RESUME_FREE = ("data_dir", "download", "progress", "divergence_factor", "tta")
+RUN_ENVIRONMENT = ("out", "resume", "threads", "overwrite", "allow_changes")
 # Settings that checkpoints written before they existed (or before a default changed) were trained
 # with: such a checkpoint's config lacks "dropout", and its lr None meant the old sgd default.
 LEGACY_SETTINGS = dict(dropout=0.5, tta="none")
 LEGACY_SGD_LR = 0.05
-RUN_ENVIRONMENT = ("out", "resume", "threads", "overwrite", "allow_changes")
+
+
+# ----------------------------------------------------------------------------- the settings
+
+def setting(default, help, **flag):
+    """A TrainConfig field: its default and its --help text (with the unit), plus argparse keywords
+    where the flag needs more than its type (choices, metavar, nargs). build_parser turns each field
+    into a flag: batch_size -> --batch-size. A bool becomes a switch whose help says what the switch
+    does: --fp32 when the setting is off by default, --no-augment when it is on; both=True gives
+    --per-channel and --no-per-channel. hidden=True keeps a flag out of --help."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **flag))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run, its default and its --help text, in one place. A default of None is
+    explained in the help; the others are shown by --help."""
+    dataset: str = setting("cifar10", data.DATASET_CHOICES)
+    model: str = setting("vgg4bit", f"{' or '.join(models.MODELS)}")
+    epochs: int = setting(13, "passes over the training set")
+    batch_size: int = setting(256, "images per step; under mpiexec the global batch, split evenly across the ranks")
+    optimizer: str = setting("sgd", "sgd (momentum, Nesterov) or adamw", choices=("sgd", "adamw"))
+    lr: float = setting(None, "peak learning rate (default 0.1 for sgd, 1e-3 for adamw)")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "weight decay, on conv/linear weights only, not on biases or batch norm")
+    schedule: str = setting("onecycle", "learning-rate schedule after the warm-up: onecycle (linear to 0), cosine "
+                                        "(cosine to 0) or constant", choices=("onecycle", "cosine", "constant"))
+    warmup_epochs: float = setting(1.0, "linear warm-up length, in epochs; at most 30 percent of the run")
+    grad_clip: float = setting(None, "max global gradient L2 norm (default: no clipping)")
+    tanh_alpha: float = setting(3.0, "tanh soft clip a in W <- a*tanh(W/a) after each step, in weight units")
+    tanh_relative: float = setting(None, "use a = K * RMS(W) per tensor instead of an absolute a (default off)",
+                                   metavar="K")
+    tanh_clip: bool = setting(True, "disable the tanh soft clip (the paper's ablation)")
+    bits: int = setting(4, "weight bit width, 2..8; 4 bits give the levels -7..7")
+    per_channel: bool = setting(True, "one 4-bit scale per output channel; --no-per-channel: one per layer, as the "
+                                      "paper (default per channel)", both=True)
+    fp32: bool = setting(False, "no quantization: the float32 baseline")
+    label_smoothing: float = setting(0.2, "cross-entropy label smoothing: the share of the target spread uniformly "
+                                          "over the classes; the paper uses 0")
+    dropout: float = setting(0.2, "dropout probability before the classifier; the paper's 0.5 comes with "
+                                  "--recipe paper")
+    tta: str = setting("flip-translate", "test-time augmentation of the final evaluation: none, flip (2 views) or "
+                                         "flip-translate (6 views); the plain accuracy is always reported too",
+                       choices=TTA_MODES)
+    augment: bool = setting(True, "disable random crop (zero padding 4) + horizontal flip")
+    coarse: bool = setting(False, "CIFAR-100: the 20 coarse labels")
+    seed: int = setting(0, "random seed of the weights, the data order, the augmentation and dropout")
+    data_dir: str = setting(None, "data folder (default $NANOQ4_DATA, else ./data)")
+    download: bool = setting(True, "never download missing data")
+    out: str = setting(None, "run folder (default a new folder under runs/); a folder that already holds a run is "
+                             "refused unless --overwrite")
+    overwrite: bool = setting(False, "replace the run already in --out (its checkpoint, metrics and model file are "
+                                     "deleted)")
+    resume: str = setting(None, "continue from a checkpoint (without PATH: OUT/checkpoint.ckpt, needs --out); "
+                                "settings not given come from the checkpoint, given ones that differ from it are "
+                                "refused", nargs="?", const="", metavar="PATH")
+    allow_changes: bool = setting(False, "with --resume: train on with given settings that differ from the "
+                                         "checkpoint's (learning rate, schedule, augmentation, ...); "
+                                         f"{FIXED_WITHIN_A_RUN} never change within a run")
+    divergence_factor: float = setting(4.0, f"stop, keeping the last good checkpoint, when "
+                                            f"{safeguards.DIVERGENCE_HITS} of the last {safeguards.DIVERGENCE_WINDOW} "
+                                            f"training losses (or an epoch's test loss) exceed this x the first "
+                                            f"training loss (at least ln(classes)), or when the accuracy is still at "
+                                            f"chance level {safeguards.CHANCE_MIN_STEPS} steps after the warm-up; "
+                                            f"0: never")
+    threads: int = setting(None, "CPU threads for Numba and BLAS, 1 to the number of cores (default: all cores; "
+                                 "under mpiexec, per rank: the machine's cores divided among its ranks)")
+    sync_bn: bool = setting(False, "under mpiexec: batch-norm statistics over the global batch (N ranks then "
+                                   "compute what one process computes); default: each rank's own, as PyTorch DDP")
+    progress: bool = setting(True, "no progress bar")
+    max_steps_per_epoch: int = setting(None, "for smoke tests: cut each epoch short", hidden=True)
+
+    def resolved_lr(self):
+        return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+
+
+PAPER_RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=5e-4, grad_clip=0.5, tanh_alpha=3.0,
+                    schedule="cosine", warmup_epochs=0.0, epochs=150, batch_size=128, augment=True,
+                    per_channel=False, label_smoothing=0.0, dropout=0.5, tta="none")
 
 
 def validate(cfg):
@@ -227,95 +257,82 @@ def grid_summary(model, cfg, prev_codes):
     return stats
 
 
-def format_grid(stats):
-    if not stats:
-        return "grid: float32"
-    used = [s["levels_used"] for s in stats]
-    flips = [s["flip_rate"] for s in stats if s["flip_rate"] is not None]
-    flip = f" flips {np.mean(flips):.2%}" if flips else ""
-    return (f"levels {min(used)}/{np.mean(used):.1f}/{max(used)} of {stats[0]['levels_total']} "
-            f"at±max {np.mean([s['frac_at_max'] for s in stats]):.2%}{flip}")
+# ----------------------------------------------------------------------------- setup
 
+class Run:
+    """What train() works with, built by setup(), and the checks and checkpoint writes that need it."""
 
-def plot_curves(history, path):
-    """Loss and accuracy curves as a PNG, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, [h["train_loss"] for h in history], label="train")
-    a.plot(epochs, [h["test_loss"] for h in history], label="test")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
-    b.plot(epochs, [h["train_acc"] for h in history], label="train")
-    b.plot(epochs, [h["test_acc"] for h in history], label="test")
-    b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.legend()
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
+    cfg: TrainConfig                     # the settings the run goes with (resumed ones included)
+    group: object                        # distributed.SingleProcess, or the MPI ranks under mpiexec
+    say: object                          # print a line (rank 0), or nothing (the other ranks)
+    dataset: data.Dataset
+    model: nn.Module
+    opt: optim.Optimizer                 # SGD/AdamW with the tanh-clip hook
+    loader: data.BatchLoader             # this rank's shard of each global batch
+    steps_per_epoch: int
+    schedule: object                     # step -> learning rate
+    warmup: int                          # warm-up steps
+    watch: safeguards.DivergenceWatch
+    gradient_sum: object                 # the one Allreduce per step under mpiexec; None for one process
+    history: list                        # one record per finished epoch
+    prev_codes: dict                     # each quantized layer's codes at the last epoch end (flip rates)
+    start_epoch: int                     # where the run (re)starts; a resumed mid-epoch stop also has
+    start_batch: int                     # the batch to go on from and the running sums of the epoch
+    partial: tuple                       # so far: (loss sum, correct, images) or None
+    changes: dict                        # settings changed on resume, {name: (checkpoint's, new)}
+    out: Path                            # the run folder, with checkpoint.ckpt and metrics.jsonl
+    ckpt_path: Path
+    metrics_path: Path
+    last_good: object                    # the checkpoint that really resumes the run; None: none yet
+    command: str                         # how to resume: python -m nanoq4.train, or under mpiexec -n N
 
+    def hint(self):
+        """How to go on after a stop: the last good checkpoint (safeguards.recovery_hint)."""
+        return safeguards.recovery_hint(self.last_good)
 
-def write_metrics(path, cfg, history):
-    """metrics.jsonl: the config, then one record per finished epoch (rewritten atomically)."""
-    lines = [json.dumps({"config": dataclasses.asdict(cfg)})] + [json.dumps(h) for h in history]
-    export.atomic_write_bytes(path, [("\n".join(lines) + "\n").encode()])
+    def check_finite(self, when, **parts):
+        broken = [name.replace("_", " ") for name, part in parts.items() if not safeguards.all_finite(part)]
+        if broken:
+            raise NanoQ4Error(f"the {' and the '.join(broken)} became non-finite {when}; {self.hint()}")
 
+    def check_loss(self, loss_value, epoch, k):
+        """Stop on a non-finite or diverging training loss (under mpiexec: the global batch's)."""
+        if not math.isfinite(loss_value):
+            raise NanoQ4Error(f"loss became {loss_value} at epoch {epoch + 1} step {k + 1}; {self.hint()}")
+        if self.watch.loss_diverged(loss_value):
+            raise NanoQ4Error(f"training diverged at epoch {epoch + 1} step {k + 1}: "
+                              f"{self.watch.loss_report()}; {self.hint()}")
 
-def set_threads(threads):
-    if not threads:
-        return
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    blas.set_threads(threads)
+    def save(self, epoch, batch, running, when):
+        """Write the checkpoint -> True. Anything non-finite in it stops the run (NanoQ4Error) and
+        a loss above the divergence limit skips the write (False): the last good one stays.
+        Under mpiexec every rank calls this at the same point; rank 0 writes, with every rank's
+        dropout generator state."""
+        state = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(), rng=nn.get_rng_state(),
+                     history=self.history, prev_codes=self.prev_codes, epoch=epoch, batch=batch, partial=running,
+                     divergence=self.watch.state(), config=dataclasses.asdict(self.cfg))
+        self.check_finite(when, weights=state["model"], optimizer_state=state["optimizer"], metrics=self.history,
+                          running_loss=running)
+        if self.watch.loss_above_limit():
+            self.say(f"checkpoint not updated {when}: {self.watch.loss_report()}; kept {self.last_good or 'none'}")
+            return False
+        if self.group.size > 1:
+            state["rank_rngs"] = self.group.gather(state["rng"])
+        self.group.on_root(export.save_checkpoint, self.ckpt_path, **state)
+        self.last_good = self.ckpt_path
+        return True
 
+    def stop(self, signum, message, epoch=None, batch=None, running=None):
+        """End the run on Ctrl-C / SIGTERM (exit code 130 / 143), first saving a checkpoint at this
+        batch boundary when `epoch` is given, and saying how to continue."""
+        saved = epoch is not None and self.save(epoch, batch, running, f"before epoch {epoch + 1} step {batch + 1}")
+        if self.last_good:
+            self.say(f"\ninterrupted: {'saved' if saved or epoch is None else 'kept'} {self.last_good}; {message} "
+                     f"with: {self.command} --resume {shlex.quote(str(self.last_good))}")
+        else:
+            self.say("\ninterrupted before any checkpoint could be saved")
+        raise cli.Interrupted(signum)
 
-def _default_out(cfg):
-    """runs/<time>-<dataset>-<model>, with a -2, -3, ... suffix if a run started in the same second."""
-    name = cfg.dataset.replace("folder:", "folder-").replace("/", "_").replace(":", "_")
-    base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{cfg.model}"
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-class _StopRequest:
-    """While active, Ctrl-C (SIGINT) and SIGTERM only set a flag (and remember which signal, for
-    the exit code) that the loop checks between steps, so the checkpoint it then saves is
-    consistent. A second signal stops at once."""
-
-    def __init__(self):
-        self.requested, self.signum = False, None
-        self.previous = {}
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise cli.Interrupted(signum)
-        self.requested, self.signum = True, signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-# ----------------------------------------------------------------------------- the loop
 
 def _read_checkpoint(path):
     """The training state saved at `path`, refused when it could not resume a run."""
@@ -325,7 +342,7 @@ def _read_checkpoint(path):
 def _choose_run_folder(cfg):
     """(run folder, whether a run in it is replaced): --out, else the resumed checkpoint's folder,
     else a new one under runs/; refused as safeguards.check_run_folder says."""
-    out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else _default_out(cfg))
+    out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else runlog.default_out(cfg))
     return out, safeguards.check_run_folder(out, cfg)
 
 
@@ -344,21 +361,11 @@ def _resumed_rng_state(checkpoint, cfg, group):
     return np.random.default_rng(distributed.rank_seed(cfg.seed, group.rank, group.size)).bit_generator.state, note
 
 
-def _silent(message):
-    pass
-
-
-def train(cfg, given=None, group=None):
-    """Train per `cfg` and return the history (one dict per epoch). Writes into cfg.out.
-
-    With cfg.resume the run continues from that checkpoint: settings not named in `given` (the
-    CLI passes the flags typed; None: all) come from the checkpoint's config, given ones that
-    differ from it are refused unless cfg.allow_changes (see resumed_config).
-
-    Under mpiexec (`group`: distributed.world() unless given) every rank runs this on its shard of
-    each global batch (distributed.py); all return the history, rank 0 alone prints and writes."""
-    group = group or distributed.world()
-    say = log if group.is_root else _silent
+def settle_config(cfg, given, group):
+    """The settings the run goes with -> (cfg, checkpoint or None, {name: (old, new)} allowed changes):
+    with cfg.resume the checkpoint's, except those `given` (see resumed_config); all checked before
+    any work starts, the learning rate saved as a number (a later change of its default cannot
+    change a resumed run)."""
     checkpoint, changes = None, {}
     if cfg.resume:
         safeguards.check_domains(cfg)  # the given values; the others (dataset, ...) come from the checkpoint
@@ -366,9 +373,19 @@ def train(cfg, given=None, group=None):
         cfg, changes = resumed_config(cfg, checkpoint["config"], given)
     validate(cfg)  # on resume, what came from the checkpoint must fit today's domains too
     distributed.check_batch_split(cfg.batch_size, group.size, cfg.sync_bn)
-    cfg.lr = cfg.resolved_lr()  # saved as a number: a later change of the default cannot change a resumed run
+    cfg.lr = cfg.resolved_lr()
+    return cfg, checkpoint, changes
+
+
+def setup(cfg, given, group):
+    """Everything before the first step -> Run: the settings, the run folder (checked, made only once
+    nothing can be refused any more), threads, data, model, optimizer, loader, schedule, divergence
+    watch; with a checkpoint, the state it holds. Under mpiexec rank 0's model goes to every rank."""
+    run = Run()
+    run.group, run.say = group, runlog.log if group.is_root else runlog.silent
+    cfg, checkpoint, changes = settle_config(cfg, given, group)
     out, replacing = group.on_root(_choose_run_folder, cfg)
-    set_threads(cfg.threads or group.default_threads())
+    parallel.set_threads(cfg.threads or group.default_threads())
     dataset = group.in_turns(lambda: data.load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
                                                        coarse=cfg.coarse))
     if dataset.num_classes < 2:
@@ -382,297 +399,241 @@ def train(cfg, given=None, group=None):
         nn.manual_seed(distributed.rank_seed(cfg.seed, group.rank, group.size))  # each rank's own dropout masks
         if cfg.sync_bn:
             group.sync_batch_norm(model)
-    opt = make_optimizer(model, cfg)
-    loader = data.BatchLoader(dataset.x_train, dataset.y_train, cfg.batch_size, dataset.mean, dataset.std,
-                              augment=cfg.augment, shuffle=True, seed=cfg.seed, prefetch=True,
-                              shard=group.rank, shards=group.size)
-    steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-    schedule = make_schedule(cfg, steps_per_epoch)
-    warmup = warmup_steps(cfg, steps_per_epoch)
-    watch = safeguards.DivergenceWatch(cfg.divergence_factor, dataset.num_classes,
-                                       safeguards.majority_share(dataset.y_train),
-                                       safeguards.majority_share(dataset.y_test),
-                                       checkpoint.get("divergence") if checkpoint else None)
-
-    history, prev_codes, start_epoch, start_batch, partial, rng_note = [], {}, 0, 0, None, None
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-            opt.load_state_dict(checkpoint["optimizer"])
-            rng_state, rng_note = _resumed_rng_state(checkpoint, cfg, group)
-            nn.set_rng_state(rng_state)
-        except (NanoQ4Error, ValueError, TypeError, KeyError) as e:
-            raise NanoQ4Error(f"checkpoint {cfg.resume} does not fit this run ({e})") from None
-        history, prev_codes = checkpoint["history"], checkpoint["prev_codes"]
-        start_epoch, start_batch, partial = checkpoint["epoch"], checkpoint["batch"], checkpoint["partial"]
+    run.cfg, run.dataset, run.model, run.opt = cfg, dataset, model, make_optimizer(model, cfg)
+    run.loader = data.BatchLoader(dataset.x_train, dataset.y_train, cfg.batch_size, dataset.mean, dataset.std,
+                                  augment=cfg.augment, shuffle=True, seed=cfg.seed, prefetch=True,
+                                  shard=group.rank, shards=group.size)
+    run.steps_per_epoch = min(len(run.loader), cfg.max_steps_per_epoch or len(run.loader))
+    run.schedule = make_schedule(cfg, run.steps_per_epoch)
+    run.warmup = warmup_steps(cfg, run.steps_per_epoch)
+    run.watch = safeguards.DivergenceWatch(cfg.divergence_factor, dataset.num_classes,
+                                           safeguards.majority_share(dataset.y_train),
+                                           safeguards.majority_share(dataset.y_test),
+                                           checkpoint.get("divergence") if checkpoint else None)
+    run.history, run.prev_codes, run.start_epoch, run.start_batch, run.partial = [], {}, 0, 0, None
+    rng_note = _resume_state(run, checkpoint) if checkpoint is not None else None
     group.broadcast_model(model)  # rank 0's weights and batch-norm statistics on every rank
     # Several ranks: the one Allreduce per step (with per-rank batch norm it averages the running statistics too)
-    gradient_sum = None if group.size == 1 else group.gradient_sum(
+    run.gradient_sum = None if group.size == 1 else group.gradient_sum(
         model.parameters(), [] if cfg.sync_bn else [b for _, b in model.named_buffers()])
+
     group.on_root(safeguards.make_run_folder, out, replacing)  # only now: every refusal above leaves no folder behind
     cfg.out = str(out)
-    ckpt_path, metrics_path = out / "checkpoint.ckpt", out / "metrics.jsonl"
-    last_good = cfg.resume  # a checkpoint that really resumes this run (None: none yet)
+    run.out, run.ckpt_path, run.metrics_path = out, out / "checkpoint.ckpt", out / "metrics.jsonl"
+    run.last_good = cfg.resume  # a checkpoint that really resumes this run (None: none yet)
+    run.changes = changes
+    run.command = "python -m nanoq4.train" if group.size == 1 else f"mpiexec -n {group.size} python -m nanoq4.train"
     if checkpoint is not None:
-        say(f"resumed {cfg.resume} at epoch {start_epoch + 1}, batch {start_batch}")
+        run.say(f"resumed {cfg.resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
         if changes:
-            say("settings changed on resume (--allow-changes): " +
-                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+            run.say("settings changed on resume (--allow-changes): " +
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
         if rng_note:
-            say(rng_note)
+            run.say(rng_note)
     else:
-        group.on_root(write_metrics, metrics_path, cfg, history)
-        grid_summary(model, cfg, prev_codes)  # flip rates of epoch 1 are relative to the initial weights
+        group.on_root(runlog.write_metrics, run.metrics_path, cfg, run.history)
+        grid_summary(model, cfg, run.prev_codes)  # flip rates of epoch 1 are relative to the initial weights
+    return run
 
-    def check_finite(when, **parts):
-        broken = [name.replace("_", " ") for name, part in parts.items() if not safeguards.all_finite(part)]
-        if broken:
-            raise NanoQ4Error(f"the {' and the '.join(broken)} became non-finite {when}; "
-                              f"{safeguards.recovery_hint(last_good)}")
 
-    def check_loss(loss_value, epoch, k):
-        """Stop on a non-finite or diverging training loss (under mpiexec: the global batch's)."""
-        if not math.isfinite(loss_value):
-            raise NanoQ4Error(f"loss became {loss_value} at epoch {epoch + 1} step {k + 1}; "
-                              f"{safeguards.recovery_hint(last_good)}")
-        if watch.loss_diverged(loss_value):
-            raise NanoQ4Error(f"training diverged at epoch {epoch + 1} step {k + 1}: "
-                              f"{watch.loss_report()}; {safeguards.recovery_hint(last_good)}")
+def _resume_state(run, checkpoint):
+    """Load the checkpoint's weights, optimizer state, dropout stream, history and position into
+    `run` -> a note to print about the dropout streams, or None."""
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+        run.opt.load_state_dict(checkpoint["optimizer"])
+        rng_state, rng_note = _resumed_rng_state(checkpoint, run.cfg, run.group)
+        nn.set_rng_state(rng_state)
+    except (NanoQ4Error, ValueError, TypeError, KeyError) as e:
+        raise NanoQ4Error(f"checkpoint {run.cfg.resume} does not fit this run ({e})") from None
+    run.history, run.prev_codes = checkpoint["history"], checkpoint["prev_codes"]
+    run.start_epoch, run.start_batch, run.partial = checkpoint["epoch"], checkpoint["batch"], checkpoint["partial"]
+    return rng_note
 
-    def save(epoch, batch, running, when):
-        """Write the checkpoint -> True. Anything non-finite in it stops the run (NanoQ4Error) and
-        a loss above the divergence limit skips the write (False): the last good one stays.
-        Under mpiexec every rank calls this at the same point; rank 0 writes, with every rank's
-        dropout generator state."""
-        nonlocal last_good
-        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=nn.get_rng_state(), history=history,
-                     prev_codes=prev_codes, epoch=epoch, batch=batch, partial=running, divergence=watch.state(),
-                     config=dataclasses.asdict(cfg))
-        check_finite(when, weights=state["model"], optimizer_state=state["optimizer"], metrics=history,
-                     running_loss=running)
-        if watch.loss_above_limit():
-            say(f"checkpoint not updated {when}: {watch.loss_report()}; kept {last_good or 'none'}")
-            return False
-        if group.size > 1:
-            state["rank_rngs"] = group.gather(state["rng"])
-        group.on_root(export.save_checkpoint, ckpt_path, **state)
-        last_good = ckpt_path
-        return True
 
+def announce(run):
+    """The run's first line: model, data, schedule, ranks, output folder."""
+    cfg, group = run.cfg, run.group
     ranks = "" if group.size == 1 else (
         f"; {group.size} ranks of {cfg.batch_size // group.size} images and {numba.get_num_threads()} thread(s) "
         f"each, {'global' if cfg.sync_bn else 'per-rank'} batch-norm statistics")
-    say(f"nanoq4: {cfg.model} ({model.num_parameters():,} parameters, "
-        f"{'float32' if cfg.fp32 else f'{cfg.bits}-bit weights'}) on {dataset.name}: "
-        f"{len(dataset.y_train):,} train / {len(dataset.y_test):,} test images, {cfg.epochs} epochs of "
-        f"{steps_per_epoch} steps, {cfg.optimizer} lr {cfg.resolved_lr()} ({cfg.schedule}){ranks}; output {out}")
-    command = "python -m nanoq4.train" if group.size == 1 else f"mpiexec -n {group.size} python -m nanoq4.train"
+    run.say(f"nanoq4: {cfg.model} ({run.model.num_parameters():,} parameters, "
+            f"{'float32' if cfg.fp32 else f'{cfg.bits}-bit weights'}) on {run.dataset.name}: "
+            f"{len(run.dataset.y_train):,} train / {len(run.dataset.y_test):,} test images, {cfg.epochs} epochs of "
+            f"{run.steps_per_epoch} steps, {cfg.optimizer} lr {cfg.resolved_lr()} ({cfg.schedule}){ranks}; "
+            f"output {run.out}")
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def train(cfg, given=None, group=None):
+    """Train per `cfg` and return the history (one dict per epoch). Writes into cfg.out.
+
+    With cfg.resume the run continues from that checkpoint: settings not named in `given` (the
+    CLI passes the flags typed; None: all) come from the checkpoint's config, given ones that
+    differ from it are refused unless cfg.allow_changes (see resumed_config).
+
+    Under mpiexec (`group`: distributed.world() unless given) every rank runs this on its shard of
+    each global batch (distributed.py); all return the history, rank 0 alone prints and writes."""
+    group = group or distributed.world()
+    run = setup(cfg, given, group)
+    cfg, model, opt, loader = run.cfg, run.model, run.opt, run.loader
+    announce(run)
     run_start = time.perf_counter()
-    with _StopRequest() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
+    with runlog.StopRequest() as stop:
+        for epoch in range(run.start_epoch, cfg.epochs):
             model.train()
             loader.set_epoch(epoch)
-            loss_sum, correct, seen = partial if partial else (0.0, 0, 0)
-            first_batch, partial, start_batch = start_batch, None, 0
+            totals = list(run.partial or (0.0, 0, 0))  # loss sum, correct, images (a resumed epoch: so far)
+            first_batch, run.partial, run.start_batch = run.start_batch, None, 0
             epoch_start = time.perf_counter()
-            bar = _progress(steps_per_epoch, first_batch, epoch, cfg, shown=group.is_root)
-            step = epoch * steps_per_epoch + first_batch
+            bar = runlog.Progress(run.steps_per_epoch, first_batch, epoch, cfg, shown=group.is_root)
+            step = epoch * run.steps_per_epoch + first_batch
             for k, (xb, yb) in enumerate(loader):
-                if k >= steps_per_epoch:
+                if k >= run.steps_per_epoch:
                     break
                 if k < first_batch:
                     continue
                 signum = group.stop_signal(stop)  # under mpiexec: a signal to any rank stops all here
                 if signum:
                     bar.close()
-                    saved = save(epoch, k, (loss_sum, correct, seen), f"before epoch {epoch + 1} step {k + 1}")
-                    say(f"\ninterrupted: {'saved' if saved else 'kept'} {last_good}; continue with: {command} "
-                        f"--resume {shlex.quote(str(last_good))}" if last_good else
-                        "\ninterrupted before any checkpoint could be saved")
-                    raise cli.Interrupted(signum)
-                opt.lr = schedule(step)
-                try:
-                    logits = model(Tensor(xb))
-                    loss = ops.cross_entropy(logits, yb, cfg.label_smoothing)
-                except NanoQ4Error as e:  # quantizing weights that the previous step made non-finite
-                    raise NanoQ4Error(f"{e} (epoch {epoch + 1} step {k + 1}); "
-                                      f"{safeguards.recovery_hint(last_good)}") from None
-                loss_value = float(loss.data)
-                batch_correct = int((logits.data.argmax(axis=1) == yb).sum())
-                if gradient_sum is None:  # one process: a broken loss stops the run before backward
-                    check_loss(loss_value, epoch, k)
-                    opt.zero_grad()
-                    loss.backward()
-                else:  # each rank backpropagates its share of the global batch's mean loss, then one Allreduce
-                    share = len(yb) / loader.global_batch_len(k)
-                    opt.zero_grad()
-                    loss.backward(np.float32(share))
-                    loss_value, batch_correct = gradient_sum(loss_value, batch_correct, share)
-                    check_loss(loss_value, epoch, k)
-                if cfg.grad_clip:
-                    optim.clip_grad_norm(opt.parameters(), cfg.grad_clip)
-                opt.step()
+                    run.stop(signum, "continue", epoch, k, tuple(totals))
+                opt.lr = run.schedule(step)
+                loss_value, correct = train_step(run, xb, yb, epoch, k)
                 step += 1
                 images = loader.global_batch_len(k)
-                loss_sum += loss_value * images
-                correct += batch_correct
-                seen += images
-                bar.update(images, loss_sum / seen, correct / seen)
+                totals = [totals[0] + loss_value * images, totals[1] + correct, totals[2] + images]
+                bar.update(images, totals[0] / totals[2], totals[1] / totals[2])
             bar.close()
-            when = f"during epoch {epoch + 1} (by its step {steps_per_epoch})"
-            check_finite(when, weights=model.state_dict(), optimizer_state=opt.state_dict())
-            group.check_same((model.state_dict(), opt.state), f"by the end of epoch {epoch + 1}",
-                             f"resume from {last_good}" if last_good else "no checkpoint was saved yet")
-            train_time = time.perf_counter() - epoch_start
-            test_loss, test_acc, _ = evaluate(model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
-                                              group=group)
-            stats = grid_summary(model, cfg, prev_codes)
-            record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
-                          test_loss=test_loss, test_acc=test_acc, lr=opt.lr, epoch_time=time.perf_counter() - epoch_start,
-                          train_images_per_s=seen / train_time, grid=stats)
-            # the epoch's last steps blew the weights up (after the warm-up: a barely trained network's
-            # batch-norm statistics can legitimately give a large test loss): keep the last checkpoint
-            if step - warmup >= safeguards.CHANCE_MIN_STEPS and watch.above_limit(test_loss):
-                raise NanoQ4Error(f"training diverged by the end of epoch {epoch + 1}: test loss {test_loss:.4g} is "
-                                  f"above the divergence limit; {safeguards.recovery_hint(last_good)}")
-            if watch.at_chance(record["train_acc"], test_acc, step - warmup):
-                raise NanoQ4Error(f"training diverged: epoch {epoch + 1} (step {step}) ends at chance level "
-                                  f"{step - warmup} steps after the warm-up (train accuracy "
-                                  f"{record['train_acc']:.1%}, test {test_acc:.1%}; always guessing the commonest "
-                                  f"class gives {watch.chance_test:.1%}); {safeguards.recovery_hint(last_good)}")
-            if changes:  # the first epoch finished under settings changed on resume says so
-                record["changed_settings"] = {k: list(v) for k, v in changes.items()}
-                changes = {}
-            if epoch + 1 == cfg.epochs and cfg.tta != "none":  # the final model only: TTA costs a pass per view
-                record["test_acc_tta"] = evaluate(model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
-                                                  cfg.tta, group=group)[1]
-                record["tta"] = cfg.tta
-                record["epoch_time"] = time.perf_counter() - epoch_start
-            history.append(record)
-            save(epoch + 1, 0, None, when)
-            group.on_root(write_metrics, metrics_path, cfg, history)
-            group.on_root(plot_curves, history, out / "curves.png")
-            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%} | "
-                f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {opt.lr:.2e} | {format_grid(stats)} | "
-                f"{record['epoch_time']:.0f}s ({record['train_images_per_s']:.0f} img/s)")
+            end_epoch(run, epoch, step, totals, epoch_start)
         signum = group.stop_signal(stop)
         if signum:  # a signal during the final evaluation: the checkpoint is complete, resuming exports
-            say(f"\ninterrupted: saved {last_good}; finish with: {command} --resume {shlex.quote(str(last_good))}")
-            raise cli.Interrupted(signum)
+            run.stop(signum, "finish")
+    return finish(run, run_start)
 
-    model_path = out / "model.nq4"
+
+def train_step(run, xb, yb, epoch, k):
+    """One optimizer step on batch k -> (mean loss, correct count) of the batch (under mpiexec the
+    global batch's): forward, cross-entropy, backward (under mpiexec each rank backpropagates its
+    share of the global batch's mean loss, then one Allreduce sums the gradients), optional
+    gradient-norm clip, SGD/AdamW step, whose hook soft-clips the quantized weights."""
+    cfg, opt = run.cfg, run.opt
+    try:
+        logits = run.model(Tensor(xb))
+        loss = ops.cross_entropy(logits, yb, cfg.label_smoothing)
+    except NanoQ4Error as e:  # quantizing weights that the previous step made non-finite
+        raise NanoQ4Error(f"{e} (epoch {epoch + 1} step {k + 1}); {run.hint()}") from None
+    loss_value = float(loss.data)
+    correct = int((logits.data.argmax(axis=1) == yb).sum())
+    if run.gradient_sum is None:  # one process: a broken loss stops the run before backward
+        run.check_loss(loss_value, epoch, k)
+        opt.zero_grad()
+        loss.backward()
+    else:
+        share = len(yb) / run.loader.global_batch_len(k)
+        opt.zero_grad()
+        loss.backward(np.float32(share))
+        loss_value, correct = run.gradient_sum(loss_value, correct, share)
+        run.check_loss(loss_value, epoch, k)
+    if cfg.grad_clip:
+        optim.clip_grad_norm(opt.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss_value, correct
+
+
+def end_epoch(run, epoch, step, totals, epoch_start):
+    """After an epoch's last step: the safeguards (finite state, ranks in agreement, no divergence),
+    test accuracy (with TTA after the final epoch), grid statistics, the checkpoint, metrics.jsonl,
+    curves.png and the epoch's line."""
+    cfg, group, dataset = run.cfg, run.group, run.dataset
+    loss_sum, correct, seen = totals
+    when = f"during epoch {epoch + 1} (by its step {run.steps_per_epoch})"
+    run.check_finite(when, weights=run.model.state_dict(), optimizer_state=run.opt.state_dict())
+    group.check_same((run.model.state_dict(), run.opt.state), f"by the end of epoch {epoch + 1}",
+                     f"resume from {run.last_good}" if run.last_good else "no checkpoint was saved yet")
+    train_time = time.perf_counter() - epoch_start
+    test_loss, test_acc, _ = evaluate(run.model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
+                                      group=group)
+    stats = grid_summary(run.model, cfg, run.prev_codes)
+    record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
+                  test_loss=test_loss, test_acc=test_acc, lr=run.opt.lr, epoch_time=time.perf_counter() - epoch_start,
+                  train_images_per_s=seen / train_time, grid=stats)
+    # the epoch's last steps blew the weights up (after the warm-up: a barely trained network's
+    # batch-norm statistics can legitimately give a large test loss): keep the last checkpoint
+    after_warmup = step - run.warmup
+    if after_warmup >= safeguards.CHANCE_MIN_STEPS and run.watch.above_limit(test_loss):
+        raise NanoQ4Error(f"training diverged by the end of epoch {epoch + 1}: test loss {test_loss:.4g} is "
+                          f"above the divergence limit; {run.hint()}")
+    if run.watch.at_chance(record["train_acc"], test_acc, after_warmup):
+        raise NanoQ4Error(f"training diverged: epoch {epoch + 1} (step {step}) ends at chance level "
+                          f"{after_warmup} steps after the warm-up (train accuracy {record['train_acc']:.1%}, "
+                          f"test {test_acc:.1%}; always guessing the commonest class gives "
+                          f"{run.watch.chance_test:.1%}); {run.hint()}")
+    if run.changes:  # the first epoch finished under settings changed on resume says so
+        record["changed_settings"] = {k: list(v) for k, v in run.changes.items()}
+        run.changes = {}
+    if epoch + 1 == cfg.epochs and cfg.tta != "none":  # the final model only: TTA costs a pass per view
+        record["test_acc_tta"] = evaluate(run.model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
+                                          cfg.tta, group=group)[1]
+        record["tta"] = cfg.tta
+        record["epoch_time"] = time.perf_counter() - epoch_start
+    run.history.append(record)
+    run.save(epoch + 1, 0, None, when)
+    group.on_root(runlog.write_metrics, run.metrics_path, cfg, run.history)
+    group.on_root(runlog.plot_curves, run.history, run.out / "curves.png")
+    run.say(runlog.epoch_line(record, cfg.epochs))
+
+
+def finish(run, run_start):
+    """Export the final model as a packed int4 file (rank 0), print the final report, return the history."""
+    cfg, dataset = run.cfg, run.dataset
+    model_path = run.out / "model.nq4"
     arch = dict(model=cfg.model, num_classes=dataset.num_classes, quantize=not cfg.fp32, bits=cfg.bits,
                 per_channel=cfg.per_channel)
 
     def write_model_file():
-        export.export_model(model, model_path, arch, dataset.classes, dataset.mean, dataset.std)
-        return export.model_file_sizes(model, model_path)
+        export.export_model(run.model, model_path, arch, dataset.classes, dataset.mean, dataset.std)
+        return export.model_file_sizes(run.model, model_path)
 
-    float_bytes, file_bytes = group.on_root(write_model_file)
-    final = history[-1]
-    best = max(history, key=lambda h: h["test_acc"])
-    final_line = f"FINAL test accuracy (epoch {final['epoch']}): {final['test_acc']:.2%}"
-    if "test_acc_tta" in final:
-        final_line = (f"FINAL test accuracy (epoch {final['epoch']}): {final['test_acc_tta']:.2%} with test-time "
-                      f"augmentation {final.get('tta', cfg.tta)} ({final['test_acc']:.2%} without)")
-    say(f"{final_line}\n"
-        f"best epoch {best['epoch']}: {best['test_acc']:.2%} (selected on the test set: not an unbiased estimate)\n"
-        f"model size: float32 {float_bytes / 2**20:.2f} MiB, int{cfg.bits} file {file_bytes / 2**20:.2f} MiB "
-        f"(x{float_bytes / file_bytes:.1f} smaller)\n"
-        f"time this run: {time.perf_counter() - run_start:.0f}s\n"
-        f"model file: {model_path}")
-    return history
-
-
-class _progress:
-    """tqdm bar with images/s, running loss and accuracy; a silent stand-in when disabled (or
-    `shown` False: ranks other than 0)."""
-
-    def __init__(self, steps, done, epoch, cfg, shown=True):
-        self.bar = None
-        if cfg.progress and shown:
-            from tqdm import tqdm
-            self.bar = tqdm(total=steps * cfg.batch_size, initial=done * cfg.batch_size, unit="img", unit_scale=True,
-                            desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                            mininterval=0.5)
-
-    def update(self, n, loss, acc):
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.1%}", refresh=False)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+    float_bytes, file_bytes = run.group.on_root(write_model_file)
+    seconds = time.perf_counter() - run_start
+    run.say(runlog.final_report(run.history, cfg, float_bytes, file_bytes, seconds, model_path))
+    if profile.enabled:  # NANOQ4_PROFILE=1: where this process's time went, op by op
+        run.say(f"\nper-op time of this run (NANOQ4_PROFILE=1):\n{profile.table()}")
+    return run.history
 
 
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
+    """The command line, generated from TrainConfig: one flag per field with the field's help text,
+    its default, choices and unit; plus --recipe. No flag has an argparse default: one that was not
+    typed reads None, so --resume can take that setting from the checkpoint."""
     p = cli.ArgumentParser(
         prog="python -m nanoq4.train",
-        description="Train a 4-bit quantized CNN on the CPU and export it as a packed int4 model file. "
-                    f"Defaults: VGG4bit on CIFAR-10, {DEFAULT_EPOCHS} epochs of SGD with Nesterov momentum and a "
-                    "one-cycle schedule, batch 256, per-channel 4-bit scales, label smoothing 0.2, dropout 0.2, "
-                    "flip-translate test-time augmentation of the final model (README lists measured results).")
-    d = TrainConfig()
-    # No argparse defaults: a flag that was not typed is None, so --resume can take it from the checkpoint.
-    p.add_argument("--dataset", help=f"cifar10, cifar100, synthetic or folder:PATH (default {d.dataset})")
-    p.add_argument("--model", help=f"vgg4bit or simpleresnet4bit (default {d.model})")
-    p.add_argument("--recipe", choices=["paper"], help="paper: the paper's settings (AdamW lr 1e-3, weight decay "
-                   "5e-4, grad clip 0.5, tanh a=3, cosine annealing, 150 epochs, batch 128, crop+flip); explicit "
-                   "flags still override")
-    p.add_argument("--epochs", type=int, help=f"passes over the training set (default {d.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"images per step (default {d.batch_size}); under mpiexec the global "
-                   "batch, split evenly across the ranks")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="default sgd (momentum 0.9, Nesterov)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 0.1 for sgd, 1e-3 for adamw)")
-    p.add_argument("--schedule", choices=["onecycle", "cosine", "constant"],
-                   help="learning-rate schedule after the warm-up, decaying to 0 (default onecycle)")
-    p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up length in epochs (default {d.warmup_epochs})")
-    p.add_argument("--weight-decay", type=float, help=f"on conv/linear weights only (default {d.weight_decay})")
-    p.add_argument("--grad-clip", type=float, help="max global gradient L2 norm (default: no clipping)")
-    p.add_argument("--tanh-alpha", type=float, help=f"tanh soft clip a in W <- a*tanh(W/a) (default {d.tanh_alpha})")
-    p.add_argument("--tanh-relative", type=float, help="use a = K * RMS(W) per tensor instead of an absolute a")
-    p.add_argument("--no-tanh-clip", action="store_true", help="disable the tanh soft clip (paper ablation)")
-    p.add_argument("--bits", type=int, help=f"weight bit width 2..8 (default {d.bits}: levels -7..7)")
-    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
-                   help="one 4-bit scale per output channel; --no-per-channel: one per layer, as the paper "
-                        f"(default {'per channel' if d.per_channel else 'per layer'})")
-    p.add_argument("--fp32", action="store_true", help="no quantization: the float32 baseline")
-    p.add_argument("--label-smoothing", type=float, help=f"cross-entropy label smoothing (default {d.label_smoothing})")
-    p.add_argument("--dropout", type=float, help=f"dropout probability before the classifier (default {d.dropout}; "
-                   "the paper's 0.5 with --recipe paper)")
-    p.add_argument("--tta", choices=TTA_MODES, help=f"test-time augmentation of the final evaluation: none, flip "
-                   f"(2 views) or flip-translate (6 views); the plain accuracy is always reported too (default {d.tta})")
-    p.add_argument("--no-augment", action="store_true", help="disable random crop + flip")
-    p.add_argument("--coarse", action="store_true", help="CIFAR-100: the 20 coarse labels")
-    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    p.add_argument("--data-dir", help="data folder (default $NANOQ4_DATA, else ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download missing data")
-    p.add_argument("--out", help="run folder (default a new folder under runs/); a folder that already holds a run "
-                   "is refused unless --overwrite")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (its checkpoint, metrics and model file are deleted)")
-    p.add_argument("--resume", nargs="?", const="", metavar="PATH",
-                   help="continue from a checkpoint (without PATH: OUT/checkpoint.ckpt, needs --out); settings not "
-                        "given come from the checkpoint, given ones that differ from it are refused")
-    fixed = ", ".join(safeguards.flag_name(k) for k in RESUME_KEYS if k != "max_steps_per_epoch")
-    p.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: train on with given settings that differ from the checkpoint's (learning "
-                        f"rate, schedule, augmentation, ...); {fixed} never change within a run")
-    p.add_argument("--divergence-factor", type=float,
-                   help=f"stop, keeping the last good checkpoint, when {safeguards.DIVERGENCE_HITS} of the last "
-                        f"{safeguards.DIVERGENCE_WINDOW} training losses (or an epoch's test loss) exceed this x "
-                        f"the first training loss (at least ln(classes)), or when the "
-                        f"accuracy is still at chance level {safeguards.CHANCE_MIN_STEPS} steps after the warm-up; "
-                        f"0: never (default {d.divergence_factor})")
-    p.add_argument("--threads", type=int, help="CPU threads for Numba and BLAS, 1 to the number of cores "
-                   "(default: all cores; under mpiexec, per rank: the machine's cores divided among its ranks)")
-    p.add_argument("--sync-bn", action="store_true", help="under mpiexec: batch-norm statistics over the global "
-                   "batch (N ranks then compute what one process computes); default: each rank's own, as PyTorch DDP")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
+        description="Train a 4-bit quantized CNN on the CPU and export it as a packed int4 model file. Every flag "
+                    "shows its default; README lists measured results with the commands that produced them.")
+    paper = ", ".join(f"{k.replace('_', '-')} {'on' if v else 'off'}" if type(v) is bool else
+                      f"{safeguards.flag_name(k)} {v}" for k, v in PAPER_RECIPE.items())
+    p.add_argument("--recipe", choices=["paper"], help=f"paper: the paper's settings ({paper}); explicit flags "
+                                                       "still override")
+    for field in dataclasses.fields(TrainConfig):
+        options = dict(field.metadata)
+        help_text = options.pop("help")
+        if options.pop("hidden", False):
+            help_text = argparse.SUPPRESS
+        flag = safeguards.flag_name(field.name)
+        if field.type is bool and options.pop("both", False):
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif field.type is bool:  # a switch: --fp32 turns an off-by-default setting on, --no-augment one off
+            flag = "--no-" + flag[2:] if field.default else flag
+            p.add_argument(flag, dest=field.name, action="store_const", const=not field.default, default=None,
+                           help=help_text)
+        else:
+            if field.default is not None and help_text is not argparse.SUPPRESS:
+                help_text = f"{help_text} (default {field.default})"
+            p.add_argument(flag, dest=field.name, type=None if field.type is str else field.type, default=None,
+                           help=help_text, **options)
     return p
 
 
@@ -681,15 +642,7 @@ def flag_values(argv=None):
     its settings); what main passes to train as `given`."""
     args = build_parser().parse_args(argv)
     values = dict(PAPER_RECIPE) if args.recipe == "paper" else {}
-    flag_names = {"no_augment": ("augment", False), "no_tanh_clip": ("tanh_clip", False),
-                  "no_download": ("download", False), "no_progress": ("progress", False)}
-    for key, value in vars(args).items():
-        # store_true flags are False when absent; --per-channel/--no-per-channel is None when absent
-        if key == "recipe" or value is None or (value is False and key != "per_channel"):
-            continue
-        if key in flag_names:
-            key, value = flag_names[key]
-        values[key] = value
+    values.update((key, value) for key, value in vars(args).items() if key != "recipe" and value is not None)
     if values.get("resume") == "":
         if not values.get("out"):
             raise NanoQ4Error("--resume without a PATH needs --out DIR (the run folder holding checkpoint.ckpt)")

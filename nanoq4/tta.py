@@ -23,10 +23,15 @@ def shift_images(images, dy, dx):
     return out
 
 
-def tta_views(images, mode):
-    """[(weight, uint8 NHWC images)] whose weighted logits make the prediction; weights sum to 1."""
+def check_tta_mode(mode):
+    """Refuse a mode that is not one of TTA_MODES, as one line naming them."""
     if mode not in TTA_MODES:
         raise NanoQ4Error(f"unknown test-time augmentation {mode!r}; choose one of: {', '.join(TTA_MODES)}")
+
+
+def tta_views(images, mode):
+    """[(weight, uint8 NHWC images)] whose weighted logits make the prediction; weights sum to 1."""
+    check_tta_mode(mode)
     if mode == "none":
         return [(1.0, images)]
     pair = lambda x, weight: [(weight, x), (weight, x[:, :, ::-1])]

@@ -20,41 +20,28 @@ Layouts (NHWC activations, (Cout, 3, 3, Cin) weights, as in nanoq4.ops):
 Backward is the adjoint of each step, in reverse: dM = A dY A^T, then dU = dM^T @ V and
 dV = dM @ U (16 GEMMs each), dw = G^T dU G and dx = the sum of B dV B^T over the overlapping
 input windows. Computing dx this way shares dM with dw, so backward transforms grad_y once
-(the "flipped-weight forward convolution" route would transform it twice; it measured slower).
+(the "flipped-weight forward convolution" route would transform it twice, and ran slower).
 
 The batch runs in chunks of images whose V and M take ~CHUNK_BYTES, so the transforms and the
 GEMMs hand each other cache-resident data and memory stays flat at any batch size. Backward
 recomputes V of each chunk from x (cheaper than keeping the 4x larger V of the whole batch in
-memory); the object saved for backward is therefore x itself.
-
-Parallelism is over chunks, not inside them: each of numba.get_num_threads() worker threads
-takes whole chunks (transform, 16 single-threaded GEMMs, transform) and nothing synchronizes
-until the layer is done. Running each chunk on all threads instead -- parallel kernels, then
-multi-threaded BLAS on each of the 16 small GEMMs -- meets at a barrier thousands of times per
-layer; on two cores shared with other processes each barrier waits for a descheduled thread,
-and that version measured up to 10x slower than im2col under load. So BLAS is held to one
-thread (blas.limit) while the workers run, and each worker sets its own Numba thread count
-to 1. Where the BLAS thread count cannot be changed (blas.available() is False) the chunks run
-one after another on the calling thread, with parallel kernels and multi-threaded BLAS.
+memory); the object saved for backward is therefore x itself. The chunks run on worker threads,
+one per core, as parallel.py schedules them (that module explains why, and holds BLAS to one
+thread meanwhile).
 
 Transform kernels loop over tiles (`prange`: parallel when called from the main thread, serial
 in a worker) with the channel loop innermost, contiguous in both NHWC and the (16, T, C)
 layouts. `prange` matters even serially: Numba compiles a parfor body with its arrays marked
 non-aliasing, which is what lets LLVM vectorize a loop with 16 input and 16 output streams (a
-plain @njit version ran 3-7x slower). Window positions outside the image are read from a
-clamped in-bounds index and multiplied by a 0/1 mask, which keeps the inner loop free of
+plain @njit version ran several times slower). Window positions outside the image are read from
+a clamped in-bounds index and multiplied by a 0/1 mask, which keeps the inner loop free of
 branches. Every kernel has a plain-NumPy `*_reference` twin that spells the same transform with
 the explicit matrices B^T, G, A^T below.
 """
-import collections
-import concurrent.futures
-import os
-
-import numba
 import numpy as np
 from numba import njit, prange
 
-from . import blas
+from . import parallel
 
 # The transform matrices of F(2x2, 3x3); the kernels below hard-code their products.
 BT = np.array([[1, 0, -1, 0],
@@ -69,7 +56,7 @@ AT = np.array([[1, 1, 1, 0],
                [0, 1, -1, -1]], dtype=np.float64)
 
 # V + M of one chunk of images. Two chunks are live at once (one per thread) next to whatever
-# else shares the L3; of 2, 4 and 8 MiB, 2 MiB measured fastest on the VGG shapes.
+# else shares the L3; of 2, 4 and 8 MiB, 2 MiB ran fastest on the VGG shapes.
 CHUNK_BYTES = 2 << 20
 
 
@@ -416,62 +403,14 @@ def _chunks(n, h, w, channels, itemsize, chunk_bytes, threads):
     """(first image, end image, tiles) of each chunk: about `chunk_bytes` of transformed data
     (16, tiles, channels) per chunk, at least one image, and at least one chunk per thread."""
     th, tw = tile_grid(h, w)
-    per_image = th * tw
-    step = max(1, chunk_bytes // (16 * per_image * channels * itemsize))
-    step = min(step, -(-n // threads))
-    return [(s, min(n, s + step), (min(n, s + step) - s) * per_image) for s in range(0, n, step)]
+    return [(s, e, (e - s) * th * tw) for s, e in parallel.split(n, 16 * th * tw * channels * itemsize,
+                                                                  chunk_bytes, threads)]
 
 
 def _buffer(flat, tiles, channels):
     """A C-contiguous (16, tiles, channels) view of the front of a flat scratch buffer, so every
     V[k] / M[k] handed to BLAS is one contiguous 2-D matrix (no copy inside np.matmul)."""
     return flat[:16 * tiles * channels].reshape(16, tiles, channels)
-
-
-_executors = {}  # (process id, thread count) -> ThreadPoolExecutor; a forked child makes its own
-
-
-def _thread_count():
-    """Worker threads for the chunks: Numba's thread count, when BLAS can be held to one thread
-    per call (blas.available()) and Numba's threading layer accepts kernel launches from several
-    threads at once (omp, tbb; not workqueue). Otherwise 1: the chunks then run one after another
-    on the calling thread, with parallel kernels and multi-threaded BLAS."""
-    if not blas.available() or numba.get_num_threads() == 1:
-        return 1
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet, so no layer is loaded
-        return 1
-    return numba.get_num_threads() if layer in ("omp", "tbb") else 1
-
-
-def _single_threaded_worker():
-    numba.set_num_threads(1)  # per thread: this worker's kernels run serially
-
-
-def _run_on_threads(chunks, threads, worker):
-    """Call worker(chunk_iterator) once per thread; the threads share `chunks` first come first
-    served (a slow or descheduled thread simply takes fewer). Returns the workers' results."""
-    pending = collections.deque(chunks)
-
-    def take():
-        while True:
-            try:
-                yield pending.popleft()  # atomic: each chunk goes to exactly one thread
-            except IndexError:
-                return
-
-    threads = min(threads, len(chunks))
-    if threads == 1:
-        return [worker(take())]
-    key = (os.getpid(), threads)
-    if key not in _executors:
-        _executors[key] = concurrent.futures.ThreadPoolExecutor(
-            threads, thread_name_prefix="winograd", initializer=_single_threaded_worker)
-    with blas.limit(1):
-        futures = [_executors[key].submit(worker, take()) for _ in range(threads)]
-        concurrent.futures.wait(futures)
-    return [f.result() for f in futures]
 
 
 def conv3x3_forward(x, w, keep_for_backward=True, chunk_bytes=CHUNK_BYTES):
@@ -488,7 +427,7 @@ def conv3x3_forward(x, w, keep_for_backward=True, chunk_bytes=CHUNK_BYTES):
     cout = w.shape[0]
     u_t = weight_transform(w).transpose(0, 2, 1)  # (16, Cin, Cout) view of (16, Cout, Cin)
     y = np.empty((n, h, wd, cout), dtype=dtype)
-    threads = _thread_count()
+    threads = parallel.worker_threads()
     chunks = _chunks(n, h, wd, cin + cout, x.itemsize, chunk_bytes, threads)
     max_tiles = max(tiles for _, _, tiles in chunks)
 
@@ -500,7 +439,7 @@ def conv3x3_forward(x, w, keep_for_backward=True, chunk_bytes=CHUNK_BYTES):
             m = np.matmul(v, u_t, out=_buffer(m_flat, tiles, cout))  # 16 GEMMs (tiles, Cin) @ (Cin, Cout)
             output_transform(m, out=y[s:e])
 
-    _run_on_threads(chunks, threads, worker)
+    parallel.run_on_threads(chunks, threads, worker, "winograd")
     return y, (x if keep_for_backward else None)
 
 
@@ -528,7 +467,7 @@ def conv3x3_backward(grad_y, saved, x_shape, w, need_x=True, need_w=True, chunk_
     x = np.ascontiguousarray(saved, dtype=dtype) if need_w else None
     u = weight_transform(w) if need_x else None  # (16, Cout, Cin)
     dx = np.empty(x_shape, dtype=dtype) if need_x else None
-    threads = _thread_count()
+    threads = parallel.worker_threads()
     # Each chunk adds a (16, Cout, Cin) partial dU into its thread's sum: keep chunks at least
     # twice that size, or the sums cost more memory traffic than the chunk (8x8, 256 channels).
     chunk_bytes = max(chunk_bytes, 2 * 16 * cin * cout * grad_y.itemsize) if need_w else chunk_bytes
@@ -554,7 +493,8 @@ def conv3x3_backward(grad_y, saved, x_shape, w, need_x=True, need_w=True, chunk_
                 input_transform_adjoint(dv, dx[s:e].shape, out=dx[s:e])
         return du
 
-    du, *others = [du for du in _run_on_threads(chunks, threads, worker) if du is not None] or [None]
+    partial_dus = parallel.run_on_threads(chunks, threads, worker, "winograd")
+    du, *others = [du for du in partial_dus if du is not None] or [None]
     for partial_du in others:
         du += partial_du
     return dx, (weight_transform_adjoint(du) if need_w else None)

@@ -2,6 +2,7 @@
 any work, the run-folder guard, exit codes of signals), `python -m nanoq4.evaluate` and
 `python -m nanoq4.predict` on an exported model file."""
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -19,7 +20,7 @@ from PIL import Image
 
 from nanoq4 import cli, data, evaluate, export, models, nn, predict, safeguards
 from nanoq4.errors import NanoQ4Error
-from nanoq4.train import PAPER_RECIPE, TrainConfig, config_from_args, main
+from nanoq4.train import PAPER_RECIPE, TrainConfig, build_parser, config_from_args, main
 from test_data import CIFAR10_NAMES, write_cifar10, write_png_16_bit
 
 QUICK = ["--dataset", "synthetic", "--model", "simpleresnet4bit", "--epochs", "1", "--max-steps-per-epoch", "4",
@@ -77,6 +78,42 @@ def test_help_mentions_flag(help_text, flag):
 
 def test_help_hides_the_smoke_test_flag(help_text):
     assert "--max-steps-per-epoch" not in help_text.stdout
+
+
+SETTINGS = [f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("hidden")]
+
+
+@pytest.mark.parametrize("field", SETTINGS, ids=lambda f: f.name)
+def test_every_setting_has_a_documented_flag(help_text, field):
+    """The flags are generated from TrainConfig: each field is a flag (a switch for a bool) whose help
+    is the field's own text."""
+    flag = "--" + field.name.replace("_", "-")
+    if field.type is bool and field.default and not field.metadata.get("both"):
+        flag = "--no-" + flag[2:]
+    action = next(a for a in build_parser()._actions if flag in a.option_strings)
+    assert action.dest == field.name and field.metadata["help"] in action.help
+    assert re.search(rf"{re.escape(flag)}\b", help_text.stdout), f"{flag} missing from --help"
+
+
+@pytest.mark.parametrize("field", [f for f in SETTINGS if f.type is not bool and f.default is not None],
+                         ids=lambda f: f.name)
+def test_help_shows_the_config_default(field):
+    action = next(a for a in build_parser()._actions if a.dest == field.name)
+    assert action.help.endswith(f"(default {field.default})")
+
+
+@pytest.mark.parametrize("parser", ["train", "evaluate", "export_onnx"])
+def test_the_dataset_choices_are_spelled_in_one_place(parser, capsys):
+    """--dataset (train, evaluate) and --verify (export_onnx) name the choices data.py accepts."""
+    from nanoq4 import export_onnx
+    entry = {"train": main, "evaluate": evaluate.main, "export_onnx": export_onnx.main}[parser]
+    code, out, _ = run_cli(entry, ["--help"], capsys)
+    assert code == 0 and data.DATASET_CHOICES in " ".join(out.split())
+
+
+def test_no_flag_has_an_argparse_default():
+    """A flag that was not typed must read None, so that --resume takes that setting from the checkpoint."""
+    assert [a.dest for a in build_parser()._actions if a.dest != "help" and a.default is not None] == []
 
 
 @pytest.mark.parametrize("entry", [evaluate.main, predict.main], ids=["evaluate", "predict"])

@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 
-from nanoq4 import export, models, nn, quant
+from nanoq4 import data, export, models, nn, quant
 from nanoq4.errors import NanoQ4Error
 from nanoq4.tensor import Tensor, no_grad
 
@@ -221,6 +221,24 @@ def test_inference_model_probabilities_normalize_uint8_images(resnet_file):
     np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
     x = ((raw / 255.0 - np.array(MEAN)) / np.array(STD)).astype(np.float32)
     np.testing.assert_array_equal(probs.argmax(axis=1), eval_logits(model, x).argmax(axis=1))
+
+
+def test_inference_model_normalizes_with_the_trainers_float64_values(resnet_file):
+    """One normalization: the file's mean/std as written (float64), through data.normalize_images."""
+    _, path = resnet_file
+    loaded = export.load_model(path)
+    assert loaded.mean == MEAN and loaded.std == STD
+    raw = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(loaded.normalize(raw), data.normalize_images(raw, MEAN, STD))
+
+
+def test_inference_model_probabilities_are_the_softmax_of_the_logits(resnet_file):
+    _, path = resnet_file
+    loaded = export.load_model(path)
+    raw = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    z = loaded.logits(loaded.normalize(raw)).astype(np.float64)
+    softmax = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(loaded.predict_proba(raw), softmax / softmax.sum(axis=1, keepdims=True), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -263,6 +263,21 @@ def test_conv2d_routes_only_wide_3x3_same_convolutions():
     assert not ops.uses_winograd((8, 5, 5, 64), 1, 2)   # 5x5
 
 
+@pytest.mark.parametrize("case, algorithm", [(WINOGRAD_CASES[0], ops.Winograd3x3), (CONV_CASES[1], ops.Im2colGemm)],
+                         ids=["wide 3x3", "other"])
+def test_conv2d_dispatches_to_one_algorithm_whose_context_holds_its_own_state(case, algorithm):
+    x, w, b, stride, pad = conv_inputs(case)
+    ctx = ops.conv2d(x, w, b, stride, pad)._ctx
+    assert ctx.algorithm is algorithm and ctx.has_bias == (b is not None)
+    saved_x, saved_w = ctx.saved
+    assert saved_x.shape == x.shape
+    if algorithm is ops.Winograd3x3:  # the weight itself: backward transforms it
+        np.testing.assert_array_equal(saved_w, w.data)
+    else:  # the (Cout, KH*KW*Cin) weight matrix of the GEMMs, and the output size
+        np.testing.assert_array_equal(saved_w, w.data.reshape(w.shape[0], -1))
+        assert ctx.geometry[0] == w.shape and ctx.geometry[1:3] == (stride, pad)
+
+
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=str)
 def test_conv2d_winograd_route_matches_direct_loops(monkeypatch, case):
     called = []

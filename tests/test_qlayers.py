@@ -77,6 +77,25 @@ def test_fake_quantized_weight_differs_from_the_latent_weight():
     assert not np.array_equal(twin.weight.data, layer.weight.data)
 
 
+def test_ste_has_the_latent_weight_as_its_only_parent():
+    """w_q is data, not a graph node: the rounding leaves no trace in the graph and W gets dL/dW_q."""
+    nn.manual_seed(0)
+    layer = nn.QLinear(12, 7)
+    w_q = layer.quantized_weight()
+    assert isinstance(w_q._ctx, nn.STE) and w_q._ctx.parents == (layer.weight,)
+    np.testing.assert_array_equal(w_q.data, quant.fake_quantize(layer.weight.data)[0])
+
+
+def test_layers_run_the_fast_twin_of_fake_quantize(monkeypatch):
+    calls = []
+    real = quant.fake_quantize_fast
+    monkeypatch.setattr(quant, "fake_quantize_fast", lambda *args, **kw: calls.append(args) or real(*args, **kw))
+    nn.manual_seed(0)
+    layer = nn.QLinear(12, 7)
+    layer(Tensor(np.ones((2, 12), np.float32)))
+    assert len(calls) == 1 and calls[0][0] is layer.weight.data
+
+
 # ----------------------------------------------------------------------------- grid weights in the forward
 
 @pytest.mark.parametrize("kind", list(QLAYERS))

@@ -22,14 +22,20 @@ def random_weight(shape, dtype=np.float32, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
+@pytest.fixture(params=[quant.fake_quantize, quant.fake_quantize_fast], ids=["definition", "fast"])
+def fake_quantize(request):
+    """The specification holds for the plain definition and for the fast twin that training runs."""
+    return request.param
+
+
 # ----------------------------------------------------------------------------- bits and levels
 
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_qmax_and_number_of_levels_for_bits_2_to_8(bits):
+def test_qmax_and_number_of_levels_for_bits_2_to_8(bits, fake_quantize):
     q = quant.qmax(bits)
     assert q == 2 ** (bits - 1) - 1
     w = np.linspace(-1, 1, 4001, dtype=np.float32)  # dense enough to hit every level
-    _, codes, _ = quant.fake_quantize(w, bits)
+    _, codes, _ = fake_quantize(w, bits)
     stats = quant.grid_stats(codes, bits)
     assert stats["levels_total"] == 2 * q + 1
     assert stats["levels_used"] == 2 * q + 1, f"{bits}-bit grid should use all {2 * q + 1} levels"
@@ -37,18 +43,18 @@ def test_qmax_and_number_of_levels_for_bits_2_to_8(bits):
 
 
 @pytest.mark.parametrize("bits", [1, 9, 0, -4, 4.0, True, "4"])
-def test_bits_outside_2_to_8_are_refused(bits):
+def test_bits_outside_2_to_8_are_refused(bits, fake_quantize):
     with pytest.raises(NanoQ4Error, match="bits"):
         quant.qmax(bits)
     with pytest.raises(NanoQ4Error, match="bits"):
-        quant.fake_quantize(np.ones(4, np.float32), bits)
+        fake_quantize(np.ones(4, np.float32), bits)
 
 
 # ----------------------------------------------------------------------------- the 4-bit grid
 
-def test_quantized_values_lie_on_the_grid_of_the_scale():
+def test_quantized_values_lie_on_the_grid_of_the_scale(fake_quantize):
     w = he_init((16, 3, 3, 8), fan_in=72)
-    w_q, codes, scale = quant.fake_quantize(w)
+    w_q, codes, scale = fake_quantize(w)
     assert w_q.dtype == np.float32 and codes.dtype == np.int8 and scale.dtype == np.float32
     assert w_q.shape == codes.shape == w.shape and scale.shape == ()
     assert np.abs(codes).max() <= 7
@@ -56,38 +62,38 @@ def test_quantized_values_lie_on_the_grid_of_the_scale():
                                   err_msg="w_q must be exactly code * scale")
 
 
-def test_rounding_error_is_at_most_half_a_step():
+def test_rounding_error_is_at_most_half_a_step(fake_quantize):
     w = he_init((32, 64), fan_in=64)
-    w_q, _, scale = quant.fake_quantize(w)
+    w_q, _, scale = fake_quantize(w)
     assert np.abs(w - w_q).max() <= 0.5 * scale * (1 + 1e-6)
 
 
-def test_four_bits_give_at_most_15_distinct_values():
-    w_q, codes, _ = quant.fake_quantize(random_weight((64, 100)))
+def test_four_bits_give_at_most_15_distinct_values(fake_quantize):
+    w_q, codes, _ = fake_quantize(random_weight((64, 100)))
     assert len(np.unique(w_q)) <= 15
     assert len(np.unique(codes)) <= 15
 
 
 @pytest.mark.parametrize("sign", [1, -1])
-def test_largest_magnitude_maps_to_code_plus_or_minus_7(sign):
+def test_largest_magnitude_maps_to_code_plus_or_minus_7(sign, fake_quantize):
     w = random_weight((10, 20))
     w[3, 7] = sign * 10 * np.abs(w).max()
-    _, codes, scale = quant.fake_quantize(w)
+    _, codes, scale = fake_quantize(w)
     assert codes[3, 7] == sign * 7
     assert scale == np.float32(abs(w[3, 7])) / np.float32(7)
 
 
-def test_ties_round_half_to_even_like_torch_round():
+def test_ties_round_half_to_even_like_torch_round(fake_quantize):
     # max|W| = 7 gives scale 1, so W / s is exactly W.
     w = np.array([7.0, 2.5, 3.5, -2.5, 0.5, -0.5, 1.5], dtype=np.float32)
-    _, codes, scale = quant.fake_quantize(w)
+    _, codes, scale = fake_quantize(w)
     assert scale == 1.0
     np.testing.assert_array_equal(codes, [7, 2, 4, -2, 0, 0, 2])
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_all_zero_tensor_gives_zero_codes_and_no_nan(per_channel):
-    w_q, codes, scale = quant.fake_quantize(np.zeros((4, 6), np.float32), per_channel=per_channel)
+def test_all_zero_tensor_gives_zero_codes_and_no_nan(per_channel, fake_quantize):
+    w_q, codes, scale = fake_quantize(np.zeros((4, 6), np.float32), per_channel=per_channel)
     assert np.all(np.isfinite(scale)) and np.all(scale > 0)
     assert not np.isnan(w_q).any()
     assert not codes.any() and not w_q.any()
@@ -95,11 +101,11 @@ def test_all_zero_tensor_gives_zero_codes_and_no_nan(per_channel):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_diverged_weights_are_refused(bad, per_channel):
+def test_diverged_weights_are_refused(bad, per_channel, fake_quantize):
     w = random_weight((4, 6))
     w[2, 3] = bad
     with pytest.raises(NanoQ4Error, match="NaN"):
-        quant.fake_quantize(w, per_channel=per_channel)
+        fake_quantize(w, per_channel=per_channel)
 
 
 # ----------------------------------------------------------------------------- per channel
@@ -112,27 +118,27 @@ def test_per_channel_scale_is_each_rows_max_over_qmax():
     np.testing.assert_array_equal(scale, want)
 
 
-def test_per_channel_every_row_reaches_code_7():
+def test_per_channel_every_row_reaches_code_7(fake_quantize):
     w = random_weight((6, 3, 3, 4)) * np.logspace(-3, 1, 6, dtype=np.float32).reshape(6, 1, 1, 1)
-    w_q, codes, scale = quant.fake_quantize(w, per_channel=True)
+    w_q, codes, scale = fake_quantize(w, per_channel=True)
     assert np.all(np.abs(codes).reshape(6, -1).max(axis=1) == 7)
     np.testing.assert_array_equal(w_q, codes * scale.reshape(6, 1, 1, 1))
     for row in w_q:
         assert len(np.unique(row)) <= 15
 
 
-def test_per_channel_zero_row_is_fine():
+def test_per_channel_zero_row_is_fine(fake_quantize):
     w = random_weight((3, 5))
     w[1] = 0
-    w_q, codes, scale = quant.fake_quantize(w, per_channel=True)
+    w_q, codes, scale = fake_quantize(w, per_channel=True)
     assert np.all(np.isfinite(scale)) and scale[1] > 0
     assert not codes[1].any() and not w_q[1].any()
     assert np.abs(codes[[0, 2]]).max() == 7
 
 
-def test_per_tensor_compute_scale_matches_fake_quantize():
+def test_per_tensor_compute_scale_matches_fake_quantize(fake_quantize):
     w = random_weight((8, 9))
-    assert quant.compute_scale(w) == quant.fake_quantize(w)[2]
+    assert quant.compute_scale(w) == fake_quantize(w)[2]
     assert quant.compute_scale(w).shape == ()
 
 
@@ -141,21 +147,21 @@ def test_per_tensor_compute_scale_matches_fake_quantize():
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("per_channel, shape", [(False, shape) for shape in SHAPES]
                          + [(True, shape) for shape in SHAPES if shape != ()])
-def test_fake_quantize_equals_its_numpy_twin(dtype, per_channel, shape):
+def test_fast_fake_quantize_equals_the_definition(dtype, per_channel, shape):
     w = random_weight(shape, dtype, seed=len(shape))
-    got = quant.fake_quantize(w, 4, per_channel)
-    want = quant._fake_quantize_reference(w, 4, per_channel)
+    got = quant.fake_quantize_fast(w, 4, per_channel)
+    want = quant.fake_quantize(w, 4, per_channel)
     for name, g, r in zip(["w_q", "codes", "scale"], got, want):
         assert g.dtype == r.dtype and g.shape == r.shape, name
-        np.testing.assert_array_equal(g, r, err_msg=f"{name} differs from the NumPy twin")
+        np.testing.assert_array_equal(g, r, err_msg=f"{name} differs from the plain NumPy definition")
     assert got[0].dtype == dtype, "float64 weights (gradient checks) must give float64 w_q"
 
 
 @pytest.mark.parametrize("bits", [2, 3, 5, 8])
-def test_fake_quantize_other_bit_widths_equal_the_twin(bits):
+def test_fast_fake_quantize_other_bit_widths_equal_the_definition(bits):
     w = random_weight((9, 11))
-    got = quant.fake_quantize(w, bits, per_channel=True)
-    want = quant._fake_quantize_reference(w, bits, per_channel=True)
+    got = quant.fake_quantize_fast(w, bits, per_channel=True)
+    want = quant.fake_quantize(w, bits, per_channel=True)
     for g, r in zip(got, want):
         np.testing.assert_array_equal(g, r)
 
@@ -175,28 +181,28 @@ def test_row_max_abs_equals_its_twin_and_propagates_nan(dtype):
 def test_out_buffer_is_reused():
     w = random_weight((4, 6))
     out = np.empty_like(w)
-    w_q, _, _ = quant.fake_quantize(w, out=out)
+    w_q, _, _ = quant.fake_quantize_fast(w, out=out)
     assert w_q is out
-    np.testing.assert_array_equal(out, quant._fake_quantize_reference(w)[0])
+    np.testing.assert_array_equal(out, quant.fake_quantize(w)[0])
 
 
 @pytest.mark.parametrize("out", [np.empty((4, 5), np.float32), np.empty((4, 6), np.float64),
                                  np.empty((6, 4), np.float32).T])
 def test_unusable_out_buffer_is_refused(out):
     with pytest.raises(ValueError, match="out"):
-        quant.fake_quantize(random_weight((4, 6)), out=out)
+        quant.fake_quantize_fast(random_weight((4, 6)), out=out)
 
 
 # ----------------------------------------------------------------------------- (de)quantize
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_dequantize_of_quantize_equals_fake_quantize(per_channel):
+def test_dequantize_of_quantize_equals_fake_quantize(per_channel, fake_quantize):
     w = random_weight((5, 3, 3, 2))
     codes, scale = quant.quantize(w, per_channel=per_channel)
     assert codes.dtype == np.int8 and scale.dtype == np.float32
     restored = quant.dequantize(codes, scale)
     assert restored.dtype == np.float32
-    np.testing.assert_array_equal(restored, quant.fake_quantize(w, per_channel=per_channel)[0])
+    np.testing.assert_array_equal(restored, fake_quantize(w, per_channel=per_channel)[0])
 
 
 def test_dequantize_refuses_a_scale_that_does_not_match_axis_0():

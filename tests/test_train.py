@@ -275,29 +275,6 @@ def test_resume_from_mid_epoch_equals_the_uninterrupted_run(smoke_run, tmp_path,
     assert_same_run(tmp_path, smoke_run[1])
 
 
-def test_ctrl_c_during_training_only_requests_a_stop():
-    with train_module._StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
-            os.kill(os.getpid(), signal.SIGINT)
-
-
-def test_stop_request_restores_the_previous_signal_handlers():
-    def sentinel(signum, frame):
-        pass
-
-    previous = {sig: signal.signal(sig, sentinel) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with train_module._StopRequest():
-            assert signal.getsignal(signal.SIGINT) is not sentinel
-        assert signal.getsignal(signal.SIGINT) is sentinel
-        assert signal.getsignal(signal.SIGTERM) is sentinel
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 # ----------------------------------------------------------------------------- non-finite loss
 
 def nan_loss_on_training_step(n, monkeypatch):
@@ -344,22 +321,6 @@ def test_huge_learning_rate_ends_with_exit_code_2_and_one_line(tmp_path, capsys)
     assert code == 2
     assert err.startswith("error: ") and "\n" not in err
     assert "step" in err and "lower" in err and "--lr" in err
-
-
-def test_threads_flag_sets_numba_and_blas_threads():
-    import numba
-
-    from nanoq4 import blas
-    numba_before, blas_before = numba.get_num_threads(), blas.get_threads()
-    try:
-        train_module.set_threads(1)
-        assert numba.get_num_threads() == 1
-        if blas.available():
-            assert blas.get_threads() == 1
-    finally:
-        numba.set_num_threads(numba_before)
-        if blas_before:
-            blas.set_threads(blas_before)
 
 
 # ----------------------------------------------------------------------------- signals and the printed command

@@ -126,3 +126,16 @@ def test_run_without_tta_has_no_tta_record(tmp_path):
         assert main(QUICK + ["--tta", "none", "--out", str(tmp_path)]) == 0
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert "test_acc_tta" not in final
+
+
+@pytest.mark.parametrize("mode", ["rotate", "", None])
+def test_unknown_mode_is_refused_naming_the_modes(mode):
+    with pytest.raises(NanoQ4Error, match="flip-translate"):
+        tta.check_tta_mode(mode)
+    with pytest.raises(NanoQ4Error, match="flip-translate"):
+        tta.tta_views(np.zeros((1, 4, 4, 3), np.uint8), mode)
+
+
+@pytest.mark.parametrize("mode", tta.TTA_MODES)
+def test_known_modes_are_accepted(mode):
+    tta.check_tta_mode(mode)

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 
-from nanoq4 import ops, winograd
+from nanoq4 import ops, parallel, winograd
 from nanoq4.tensor import Tensor
 
 DTYPES = [np.float32, np.float64]
@@ -225,8 +225,8 @@ def test_threaded_and_sequential_chunks_agree(monkeypatch):
     small = 16 * 6 * 5 * 8  # bytes of one image's V + M: one chunk per image
     y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=small)
     dx, dw = winograd.conv3x3_backward(g, saved, x.shape, w, chunk_bytes=small)
-    monkeypatch.setattr(winograd.blas, "available", lambda: False)  # as if BLAS were not OpenBLAS
-    assert winograd._thread_count() == 1
+    monkeypatch.setattr(parallel, "blas_available", lambda: False)  # as if BLAS were not OpenBLAS
+    assert parallel.worker_threads() == 1
     y1, saved1 = winograd.conv3x3_forward(x, w, chunk_bytes=small)
     dx1, dw1 = winograd.conv3x3_backward(g, saved1, x.shape, w, chunk_bytes=small)
     for name, a, b in (("y", y, y1), ("dx", dx, dx1), ("dw", dw, dw1)):
@@ -234,31 +234,31 @@ def test_threaded_and_sequential_chunks_agree(monkeypatch):
 
 
 def test_chunks_run_on_worker_threads_when_possible():
-    if not winograd.blas.available():
+    if not parallel.blas_available():
         pytest.skip("NumPy's BLAS thread count cannot be changed here (not OpenBLAS on Linux)")
     if numba.config.DISABLE_JIT or numba.get_num_threads() < 2:
         pytest.skip("needs compiled kernels and at least 2 Numba threads")
     x, w = random((4, 8, 8, 8), np.float32), random((8, 3, 3, 8), np.float32, 1)
     winograd.conv3x3_forward(x, w, chunk_bytes=1)
-    assert winograd._thread_count() == numba.get_num_threads()
+    assert parallel.worker_threads() == numba.get_num_threads()
     assert any(t.name.startswith("winograd") for t in threading.enumerate()), "no worker thread was started"
 
 
 def test_blas_is_held_to_one_thread_inside_the_workers_and_restored_after(monkeypatch):
-    if not winograd.blas.available():
+    if not parallel.blas_available():
         pytest.skip("NumPy's BLAS thread count cannot be changed here (not OpenBLAS on Linux)")
     if numba.config.DISABLE_JIT or numba.get_num_threads() < 2:
         pytest.skip("needs compiled kernels and at least 2 Numba threads")
     seen = []
     transform = winograd.output_transform
     monkeypatch.setattr(winograd, "output_transform",
-                        lambda m, out: seen.append(winograd.blas.get_threads()) or transform(m, out))
-    before = winograd.blas.get_threads()
+                        lambda m, out: seen.append(parallel.get_blas_threads()) or transform(m, out))
+    before = parallel.get_blas_threads()
     x, w = random((4, 8, 8, 8), np.float32), random((8, 3, 3, 8), np.float32, 1)
     y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
     winograd.conv3x3_backward(y, saved, x.shape, w, chunk_bytes=1)
     assert seen and set(seen) == {1}
-    assert winograd.blas.get_threads() == before
+    assert parallel.get_blas_threads() == before
 
 
 def test_chunks_cover_the_batch_and_feed_every_thread():

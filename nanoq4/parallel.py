@@ -1,0 +1,172 @@
+"""Parallel execution on the CPU: how many threads Numba's kernels and NumPy's BLAS use, and how
+the Winograd convolution's chunks of images are spread over the cores.
+
+Threads of the process. `set_threads` (the trainer's --threads) sets both Numba's thread count
+and BLAS's. Numba's is per calling thread; BLAS's is global to the process.
+
+BLAS thread control. OpenBLAS reads OPENBLAS_NUM_THREADS only when it loads, so the count is
+changed at run time by calling its own `openblas_set_num_threads` through ctypes (what
+threadpoolctl does, without adding a dependency). The library is found among the shared objects
+this process has mapped (/proc/self/maps, Linux); elsewhere, or with a BLAS other than OpenBLAS,
+`blas_available()` is False and callers keep BLAS as it is.
+
+Worker threads over chunks (winograd.py's scheduling). Parallelism there is over chunks of
+images, not inside them: each of numba.get_num_threads() worker threads takes whole chunks
+(transform, 16 single-threaded GEMMs, transform) and nothing synchronizes until the layer is done.
+Running each chunk on all threads instead -- parallel kernels, then multi-threaded BLAS on each of
+the 16 small GEMMs -- meets at a barrier thousands of times per layer; on cores shared with other
+processes each barrier waits for a descheduled thread, and that version ran many times slower.
+So BLAS is held to one thread (`blas_limit`) while the workers run, and each worker sets its own
+Numba thread count to 1. Where the BLAS thread count cannot be changed, or Numba's threading layer
+does not accept kernel launches from several threads, the chunks run one after another on the
+calling thread, with parallel kernels and multi-threaded BLAS.
+"""
+import collections
+import concurrent.futures
+import contextlib
+import ctypes
+import os
+
+import numba
+import numpy as np  # noqa: F401  (loads NumPy's BLAS, so it is mapped when we look)
+
+
+def set_threads(threads):
+    """Use `threads` threads for Numba's parallel kernels and for BLAS (None: leave both as they are)."""
+    if not threads:
+        return
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    set_blas_threads(threads)
+
+
+# ----------------------------------------------------------------------------- BLAS threads
+
+# Exported names of the setter/getter, newest NumPy wheels first (scipy-openblas, 64-bit ints).
+_SYMBOL_FORMS = [("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+                 ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+                 ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+                 ("openblas_set_num_threads", "openblas_get_num_threads")]
+
+_api = None  # (setter, getter) once looked up; False when no OpenBLAS was found
+
+
+def _mapped_openblas_paths():
+    try:
+        with open("/proc/self/maps") as maps:
+            fields = [line.split(None, 5) for line in maps]  # address perms offset dev inode path
+    except OSError:
+        return []
+    paths = {f[5].strip() for f in fields if len(f) == 6}
+    return sorted(p for p in paths if "openblas" in p.lower() and ".so" in p)
+
+
+def _lookup():
+    global _api
+    if _api is None:
+        _api = False
+        for path in _mapped_openblas_paths():
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for set_name, get_name in _SYMBOL_FORMS:
+                setter, getter = getattr(lib, set_name, None), getattr(lib, get_name, None)
+                if setter is not None and getter is not None:
+                    setter.argtypes, setter.restype = [ctypes.c_int], None
+                    getter.argtypes, getter.restype = [], ctypes.c_int
+                    _api = (setter, getter)
+                    return _api
+    return _api
+
+
+def blas_available():
+    """True when NumPy's BLAS is an OpenBLAS whose thread count can be changed here."""
+    return bool(_lookup())
+
+
+def get_blas_threads():
+    """BLAS threads now in use, or None when unknown (not OpenBLAS)."""
+    api = _lookup()
+    return api[1]() if api else None
+
+
+def set_blas_threads(threads):
+    """Use `threads` BLAS threads from now on (no effect when not blas_available())."""
+    api = _lookup()
+    if api:
+        api[0](max(1, int(threads)))
+
+
+@contextlib.contextmanager
+def blas_limit(threads):
+    """BLAS held to `threads` threads inside the block, restored after. The count is global to
+    the process: call this from the thread that starts the work (run_on_threads does it from the
+    caller, around its workers), not from the workers themselves."""
+    api = _lookup()
+    if not api:
+        yield
+        return
+    before = api[1]()
+    api[0](max(1, int(threads)))
+    try:
+        yield
+    finally:
+        api[0](before)
+
+
+# ----------------------------------------------------------------------------- worker threads over chunks
+
+def split(n, item_bytes, chunk_bytes, threads):
+    """[(first, end), ...]: n items in consecutive chunks of about `chunk_bytes` (`item_bytes`
+    each), at least one item per chunk and at least one chunk per thread."""
+    step = max(1, chunk_bytes // item_bytes)
+    step = min(step, -(-n // threads))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def worker_threads():
+    """Worker threads for chunked work: Numba's thread count, when BLAS can be held to one thread
+    per call (blas_available()) and Numba's threading layer accepts kernel launches from several
+    threads at once (omp, tbb; not workqueue). Otherwise 1: the chunks then run one after another
+    on the calling thread, with parallel kernels and multi-threaded BLAS."""
+    if not blas_available() or numba.get_num_threads() == 1:
+        return 1
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet, so no layer is loaded
+        return 1
+    return numba.get_num_threads() if layer in ("omp", "tbb") else 1
+
+
+_executors = {}  # (process id, thread count, name) -> ThreadPoolExecutor; a forked child makes its own
+
+
+def _single_threaded_worker():
+    numba.set_num_threads(1)  # per thread: this worker's kernels run serially
+
+
+def run_on_threads(chunks, threads, worker, name="worker"):
+    """Call worker(chunk_iterator) once per thread; the threads share `chunks` first come first
+    served (a slow or descheduled thread simply takes fewer), each with one Numba thread, BLAS held
+    to one thread meanwhile. One thread: worker runs on the caller. The threads are named
+    name_0, name_1, ... and kept for the next call. Returns the workers' results."""
+    pending = collections.deque(chunks)
+
+    def take():
+        while True:
+            try:
+                yield pending.popleft()  # atomic: each chunk goes to exactly one thread
+            except IndexError:
+                return
+
+    threads = min(threads, len(chunks))
+    if threads == 1:
+        return [worker(take())]
+    key = (os.getpid(), threads, name)
+    if key not in _executors:
+        _executors[key] = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix=name, initializer=_single_threaded_worker)
+    with blas_limit(1):
+        futures = [_executors[key].submit(worker, take()) for _ in range(threads)]
+        concurrent.futures.wait(futures)
+    return [f.result() for f in futures]
