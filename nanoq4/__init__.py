@@ -1,7 +1,7 @@
 """nanoq4: true 4-bit quantized CNN training on the CPU, from scratch on NumPy + Numba.
 
     import nanoq4
-    history = nanoq4.train.train(nanoq4.TrainConfig(dataset="cifar10", epochs=1))
+    history = nanoq4.train(nanoq4.TrainConfig(dataset="cifar10", epochs=1))
     model = nanoq4.load_model("runs/<run>/model.nq4")      # the packed int4 file, for inference
 
 Reading order: tensor -> ops -> kernels -> winograd -> quant -> nn -> optim -> data -> models -> train -> export
@@ -18,8 +18,9 @@ Around them: runlog (the run folder's files and lines), safeguards (what keeps a
 lost), tta (test-time augmentation), parallel (threads), profile (NANOQ4_PROFILE=1), distributed
 (the same training on several MPI ranks), cli (what the command lines share).
 
-`nanoq4.train` is the trainer's module, as `python -m nanoq4.train` runs it; it and TrainConfig
-are loaded on first use, so that running it as a program does not import it twice.
+`nanoq4.train` is the trainer's module, as `python -m nanoq4.train` runs it, and calling it trains
+(`nanoq4.train(cfg)` is `nanoq4.train.train(cfg)`); it and TrainConfig are loaded on first use, so
+that running it as a program does not import it twice.
 """
 import importlib
 

@@ -27,6 +27,7 @@ import os
 import shlex
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -666,6 +667,16 @@ def main(argv=None):
 
     return distributed.run_command(body, memory_hint="lower --batch-size")
 
+
+class _CallableModule(types.ModuleType):
+    """`nanoq4.train(cfg)` calls train(cfg): the package's public name `train` is this module (so that
+    `python -m nanoq4.train` and `from nanoq4 import train` mean one thing), and calling it trains."""
+
+    def __call__(self, cfg, given=None, group=None):
+        return train(cfg, given, group)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,6 +37,15 @@ def test_train_is_the_trainer_module_with_its_train_function():
     assert callable(nanoq4.train.train) and nanoq4.train.TrainConfig is nanoq4.TrainConfig
 
 
+def test_calling_nanoq4_train_trains(tmp_path):
+    """`nanoq4.train(cfg)` is `nanoq4.train.train(cfg)`: the public name trains when called."""
+    cfg = nanoq4.TrainConfig(dataset="synthetic", model="simpleresnet4bit", epochs=1, max_steps_per_epoch=2,
+                             batch_size=16, tta="none", progress=False, out=str(tmp_path / "run"))
+    history = nanoq4.train(cfg)
+    assert [h["epoch"] for h in history] == [1]
+    assert (tmp_path / "run" / "model.nq4").is_file()
+
+
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_name"):
         nanoq4.no_such_name  # noqa: B018
