@@ -13,7 +13,7 @@ and obvious; tests compare every kernel against its twin.
 import os
 
 # Numba's OpenMP workers spin-wait after every parallel region by default and fight OpenBLAS's
-# threads (and any other process) for the cores: on 2 cores a small training step ran 6x slower.
+# threads (and any other process) for the cores, which stalls small steps on few cores.
 # Passive waiting must be set before numba first loads libgomp, i.e. before any kernel runs.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
