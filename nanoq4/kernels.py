@@ -9,8 +9,8 @@ so `w.reshape(Cout, -1)` lines up with an im2col row.
 Kernels parallelize over independent rows or images (`prange`), and reductions use per-thread
 partial sums reduced afterwards, never a shared accumulator. im2col and col2im also run on
 several worker threads at once, one chunk of images each (ops.Im2colGemm): they release the GIL
-(nogil), and their `prange` loops run serially in a worker, whose Numba thread count is 1. The `*_reference` twins are slow
-and obvious; tests compare every kernel against its twin.
+(nogil), and their `prange` loops run serially in a worker, whose Numba thread count is 1. The
+`*_reference` twins are slow and obvious; tests compare every kernel against its twin.
 """
 import os
 

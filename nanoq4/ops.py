@@ -268,8 +268,9 @@ class Im2colGemm:
             for s, e in my_chunks:
                 g_chunk = g[s * oh * ow:e * oh * ow]
                 if need_w:
-                    # dW^T (K, Cout) = cols^T @ dY: OpenBLAS runs this orientation much faster than
-                    # dY^T @ cols, whose long reduction it barely parallelizes.
+                    # dW^T (K, Cout) = cols^T @ dY: multi-threaded OpenBLAS (one worker: the calling
+                    # thread) runs this orientation much faster than dY^T @ cols, whose long
+                    # reduction it barely parallelizes.
                     cols = patches.rows(s, e, cols_buffer)
                     if dw_t is None:
                         dw_t = cols.T @ g_chunk

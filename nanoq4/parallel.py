@@ -17,9 +17,9 @@ whole chunks (Winograd: transform, 16 single-threaded GEMMs, transform; im2col: 
 single-threaded GEMM) and nothing synchronizes until the layer is done.
 Running each chunk on all threads instead -- parallel kernels, then multi-threaded BLAS on each
 GEMM -- meets at a barrier at every call; on cores shared with other processes each barrier waits
-for a descheduled thread (OpenBLAS's threads spin while they wait), and that version ran many
-times slower, with single GEMMs stalling for seconds. Chunks are handed out first come first
-served, so a worker whose core is taken by another process simply does fewer of them.
+for a descheduled thread, and that version of the Winograd layers ran many times slower; single
+multi-threaded GEMMs (OpenBLAS's threads spin while they wait) stalled for seconds. Chunks are
+handed out first come first served, so a worker whose core another process takes does fewer.
 So BLAS is held to one thread (`blas_limit`) while the workers run, and each worker sets its own
 Numba thread count to 1. Where the BLAS thread count cannot be changed, or Numba's threading layer
 does not accept kernel launches from several threads, the chunks run one after another on the
