@@ -7,10 +7,8 @@ the NHWC output: no transposes around the matmul. Convolution weights are (Cout,
 so `w.reshape(Cout, -1)` lines up with an im2col row.
 
 Kernels parallelize over independent rows or images (`prange`), and reductions use per-thread
-partial sums reduced afterwards, never a shared accumulator. im2col and col2im also run on
-several worker threads at once, one chunk of images each (ops.Im2colGemm): they release the GIL
-(nogil), and their `prange` loops run serially in a worker, whose Numba thread count is 1. The
-`*_reference` twins are slow and obvious; tests compare every kernel against its twin.
+partial sums reduced afterwards, never a shared accumulator. The `*_reference` twins are slow
+and obvious; tests compare every kernel against its twin.
 """
 import os
 
@@ -30,7 +28,7 @@ def conv_output_size(size, kernel, stride, padding):
 
 # ----------------------------------------------------------------------------- im2col / col2im
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, cache=True)
 def _im2col_kernel(x, kh, kw, stride, pad, oh, ow, cols):
     n, h, w, c = x.shape
     for row in prange(n * oh):
@@ -70,7 +68,7 @@ def im2col_reference(x, kh, kw, stride, pad):
     return np.concatenate(patches, axis=3).reshape(n * oh * ow, kh * kw * c)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, cache=True)
 def _col2im_kernel(cols, kh, kw, stride, pad, oh, ow, dx):
     n, h, w, c = dx.shape
     for b in prange(n):  # images are independent; windows inside one image overlap

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from . import kernels, parallel, winograd
+from . import kernels, winograd
 from .tensor import Function, Tensor
 
 
@@ -126,14 +126,13 @@ class MatMul(Function):
 
 
 class Linear(Function):
-    """y = x @ w.T + b with x (N, in), w (out, in), b (out,) or None. The GEMMs run as blocks of
-    rows on the worker threads, one core each (parallel.matmul)."""
+    """y = x @ w.T + b with x (N, in), w (out, in), b (out,) or None."""
 
     @staticmethod
     def forward(ctx, x, w, b=None):
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        out = parallel.matmul(x, w.T)
+        out = x @ w.T
         if b is not None:
             out += b
         return out
@@ -141,8 +140,8 @@ class Linear(Function):
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved
-        dx = parallel.matmul(grad, w) if ctx.needs_input_grad[0] else None
-        dw = parallel.matmul(grad.T, x)
+        dx = grad @ w if ctx.needs_input_grad[0] else None
+        dw = grad.T @ x
         return (dx, dw, grad.sum(axis=0)) if ctx.has_bias else (dx, dw)
 
 
@@ -202,11 +201,7 @@ class Winograd3x3:
         return winograd.conv3x3_backward(grad, x, x.shape, w, need_x=need_x, need_w=need_w)
 
 
-# im2col rows of one chunk of images. The chunks run on worker threads, one per core
-# (parallel.py), each filling its own buffer of this size: small enough that a worker's im2col
-# rows are still in cache when its GEMM reads them and that every worker gets several chunks to
-# share out, large enough for tall GEMMs.
-CONV_CHUNK_BYTES = 2 << 20
+CONV_CHUNK_BYTES = 128 << 20  # im2col buffer per chunk of images: bounds memory at any batch size
 
 
 class Im2colGemm:
@@ -214,13 +209,11 @@ class Im2colGemm:
 
     Each output pixel's receptive field is one row of the im2col matrix `cols` (K = KH*KW*Cin
     values, kernels.py), and y = cols @ W^T with W the (Cout, K) weight matrix. The batch is
-    processed in chunks of images whose im2col rows take about CONV_CHUNK_BYTES, so memory stays
-    flat at any batch size; the chunks run on worker threads, one per core, each chunk's im2col
-    and GEMM on one thread with BLAS held to one thread (parallel.py says why: multi-threaded BLAS
-    stalls when another process holds a core). Backward recomputes each chunk's patches (cheaper
-    than keeping them all: 9x the input for a 3x3 kernel) for dW^T = cols^T @ dY, summed per
-    worker and then over the workers, and scatters dcols = dY @ W back with col2im, skipped when
-    the input needs no gradient (the image batch).
+    processed in chunks of images whose im2col matrix fits in CONV_CHUNK_BYTES, so memory stays
+    flat at any batch size (smaller chunks run slower: BLAS wants tall GEMMs). Backward recomputes
+    each chunk's patches (cheaper than keeping them all: 9x the input for a 3x3 kernel) for
+    dW^T = cols^T @ dY and scatters dcols = dY @ W back with col2im, skipped when the input needs
+    no gradient (the image batch).
     ctx.saved = (x, wmat): the input and the (Cout, K) weight matrix; ctx.geometry = (w.shape,
     stride, padding, OH, OW).
     """
@@ -234,16 +227,8 @@ class Im2colGemm:
         wmat = w.reshape(cout, -1)
         wmat_t = np.ascontiguousarray(wmat.T)  # (K, Cout): a plain row-major GEMM operand
         out = np.empty((n * oh * ow, cout), dtype=np.result_type(x, w))
-        patches = _Patches(x, kh, kw, stride, padding, oh, ow)
-        threads = parallel.worker_threads()
-        chunks = patches.chunks(threads)
-
-        def worker(my_chunks):
-            buffer = patches.buffer(chunks, x.dtype)
-            for s, e in my_chunks:
-                np.matmul(patches.rows(s, e, buffer), wmat_t, out=out[s * oh * ow:e * oh * ow])
-
-        parallel.run_on_threads(chunks, threads, worker, "im2col")
+        for s, e, cols in _conv_chunks(x, kh, kw, stride, padding, oh, ow):
+            np.matmul(cols, wmat_t, out=out[s * oh * ow:e * oh * ow])
         ctx.save_for_backward(x, wmat)
         ctx.geometry = (w.shape, stride, padding, oh, ow)
         return out.reshape(n, oh, ow, cout)
@@ -254,79 +239,46 @@ class Im2colGemm:
         w_shape, stride, padding, oh, ow = ctx.geometry
         cout, kh, kw, cin = w_shape
         g = grad.reshape(-1, cout)
-        patches = _Patches(x, kh, kw, stride, padding, oh, ow)
+        # dW is accumulated transposed, (K, Cout) = cols^T @ dY: OpenBLAS runs this orientation
+        # much faster than dY^T @ cols, whose long reduction it barely parallelizes.
+        dw_t = np.zeros(wmat.shape[::-1], dtype=g.dtype) if need_w else None
         dx = np.empty(x.shape, dtype=g.dtype) if need_x else None
-        threads = parallel.worker_threads()
-        # Each chunk adds a (K, Cout) partial dW^T into its worker's sum: keep chunks at least twice
-        # that size, or the sums cost more memory traffic than the chunk's GEMM reads.
-        chunks = patches.chunks(threads, min_bytes=2 * wmat.size * g.itemsize if need_w else 0)
-
-        def worker(my_chunks):
-            cols_buffer = patches.buffer(chunks, x.dtype) if need_w else None
-            dcols_buffer = patches.buffer(chunks, g.dtype) if need_x else None
-            dw_t = partial_dw_t = None
-            for s, e in my_chunks:
-                g_chunk = g[s * oh * ow:e * oh * ow]
-                if need_w:
-                    # dW^T (K, Cout) = cols^T @ dY: multi-threaded OpenBLAS (one worker: the calling
-                    # thread) runs this orientation much faster than dY^T @ cols, whose long
-                    # reduction it barely parallelizes.
-                    cols = patches.rows(s, e, cols_buffer)
-                    if dw_t is None:
-                        dw_t = cols.T @ g_chunk
-                        partial_dw_t = np.empty_like(dw_t)
-                    else:
-                        dw_t += np.matmul(cols.T, g_chunk, out=partial_dw_t)
-                if need_x and patches.pointwise:  # dcols are the pixels' gradients themselves
-                    np.matmul(g_chunk, wmat, out=dx[s:e].reshape(len(g_chunk), -1))
-                elif need_x:
-                    dcols = np.matmul(g_chunk, wmat, out=_matrix(dcols_buffer, len(g_chunk), patches.k))
-                    kernels.col2im(dcols, dx[s:e].shape, kh, kw, stride, padding, out=dx[s:e])
-            return dw_t
-
-        partial_dw_ts = parallel.run_on_threads(chunks, threads, worker, "im2col")
-        if not need_w:
-            return dx, None
-        dw_t, *others = [d for d in partial_dw_ts if d is not None]
-        for partial_dw_t in others:
-            dw_t += partial_dw_t
-        return dx, np.ascontiguousarray(dw_t.T).reshape(w_shape)
+        partial_dw_t = np.empty_like(dw_t) if need_w else None
+        dcols = None
+        for s, e, cols in _conv_chunks(x, kh, kw, stride, padding, oh, ow, need_cols=need_w):
+            g_chunk = g[s * oh * ow:e * oh * ow]
+            if need_w:
+                np.matmul(cols.T, g_chunk, out=partial_dw_t)
+                dw_t += partial_dw_t
+            if need_x:
+                if dcols is None or dcols.shape[0] < len(g_chunk):
+                    dcols = np.empty((len(g_chunk), wmat.shape[1]), dtype=g.dtype)
+                np.matmul(g_chunk, wmat, out=dcols[:len(g_chunk)])
+                if kh == kw == 1 and stride == 1 and padding == 0:
+                    dx[s:e] = dcols[:len(g_chunk)].reshape(dx[s:e].shape)
+                else:
+                    kernels.col2im(dcols[:len(g_chunk)], dx[s:e].shape, kh, kw, stride, padding, out=dx[s:e])
+        dw = np.ascontiguousarray(dw_t.T).reshape(w_shape) if need_w else None
+        return dx, dw
 
 
-class _Patches:
-    """The im2col rows of images [s, e) of x, written into a worker's own flat buffer. A
-    1x1/stride-1/unpadded convolution needs no im2col: its rows are the pixels themselves."""
-
-    def __init__(self, x, kh, kw, stride, padding, oh, ow):
-        self.x, self.kh, self.kw, self.stride, self.padding = x, kh, kw, stride, padding
-        self.pixels = oh * ow  # rows per image
-        self.k = kh * kw * x.shape[3]
-        self.pointwise = kh == kw == 1 and stride == 1 and padding == 0
-
-    def chunks(self, threads, min_bytes=0):
-        """[(first image, end image), ...]: about CONV_CHUNK_BYTES (at least min_bytes) of rows
-        each, at least one chunk per thread."""
-        image_bytes = self.pixels * self.k * self.x.itemsize
-        return parallel.split(self.x.shape[0], image_bytes, max(CONV_CHUNK_BYTES, min_bytes), threads)
-
-    def buffer(self, chunks, dtype):
-        """A worker's flat scratch for the (rows, K) matrix of any of `chunks` (im2col rows or their
-        gradients); None for a pointwise convolution, which needs none."""
-        if self.pointwise:
-            return None
-        return np.empty(max(e - s for s, e in chunks) * self.pixels * self.k, dtype=dtype)
-
-    def rows(self, s, e, buffer):
-        """(rows, K) im2col matrix of images [s, e), in the front of `buffer`."""
-        if self.pointwise:
-            return self.x[s:e].reshape(-1, self.k)
-        out = _matrix(buffer, (e - s) * self.pixels, self.k)
-        return kernels.im2col(self.x[s:e], self.kh, self.kw, self.stride, self.padding, out=out)
-
-
-def _matrix(buffer, rows, cols):
-    """A C-contiguous (rows, cols) view of the front of a flat scratch buffer."""
-    return buffer[:rows * cols].reshape(rows, cols)
+def _conv_chunks(x, kh, kw, stride, padding, oh, ow, need_cols=True):
+    """Yield (first image, end image, im2col rows of those images), reusing one buffer.
+    A 1x1/stride-1/unpadded convolution needs no im2col: its rows are the pixels themselves."""
+    n, cin = x.shape[0], x.shape[3]
+    k = kh * kw * cin
+    pointwise = kh == kw == 1 and stride == 1 and padding == 0
+    per_chunk = max(1, CONV_CHUNK_BYTES // (oh * ow * k * x.itemsize))
+    buffer = np.empty((min(n, per_chunk) * oh * ow, k), dtype=x.dtype) if need_cols and not pointwise else None
+    for s in range(0, n, per_chunk):
+        e = min(n, s + per_chunk)
+        if not need_cols:
+            cols = None
+        elif pointwise:
+            cols = x[s:e].reshape(-1, k)
+        else:
+            cols = kernels.im2col(x[s:e], kh, kw, stride, padding, out=buffer[:(e - s) * oh * ow])
+        yield s, e, cols
 
 
 # ----------------------------------------------------------------------------- pooling

@@ -1,6 +1,5 @@
 """Parallel execution on the CPU: how many threads Numba's kernels and NumPy's BLAS use, and how
-the training step's GEMM work is spread over the cores (chunks of images of both convolution
-routes, blocks of rows of the linear layers' GEMMs).
+the Winograd convolution's chunks of images are spread over the cores.
 
 Threads of the process. `set_threads` (the trainer's --threads) sets both Numba's thread count
 and BLAS's. Numba's is per calling thread; BLAS's is global to the process.
@@ -11,15 +10,12 @@ threadpoolctl does, without adding a dependency). The library is found among the
 this process has mapped (/proc/self/maps, Linux); elsewhere, or with a BLAS other than OpenBLAS,
 `blas_available()` is False and callers keep BLAS as it is.
 
-Worker threads over chunks (winograd.py, ops.Im2colGemm, `matmul`). Parallelism there is over
-chunks of images (or rows), not inside them: each of numba.get_num_threads() worker threads takes
-whole chunks (Winograd: transform, 16 single-threaded GEMMs, transform; im2col: im2col, one
-single-threaded GEMM) and nothing synchronizes until the layer is done.
-Running each chunk on all threads instead -- parallel kernels, then multi-threaded BLAS on each
-GEMM -- meets at a barrier at every call; on cores shared with other processes each barrier waits
-for a descheduled thread, and that version of the Winograd layers ran many times slower; single
-multi-threaded GEMMs (OpenBLAS's threads spin while they wait) stalled for seconds. Chunks are
-handed out first come first served, so a worker whose core another process takes does fewer.
+Worker threads over chunks (winograd.py's scheduling). Parallelism there is over chunks of
+images, not inside them: each of numba.get_num_threads() worker threads takes whole chunks
+(transform, 16 single-threaded GEMMs, transform) and nothing synchronizes until the layer is done.
+Running each chunk on all threads instead -- parallel kernels, then multi-threaded BLAS on each of
+the 16 small GEMMs -- meets at a barrier thousands of times per layer; on cores shared with other
+processes each barrier waits for a descheduled thread, and that version ran many times slower.
 So BLAS is held to one thread (`blas_limit`) while the workers run, and each worker sets its own
 Numba thread count to 1. Where the BLAS thread count cannot be changed, or Numba's threading layer
 does not accept kernel launches from several threads, the chunks run one after another on the
@@ -32,7 +28,7 @@ import ctypes
 import os
 
 import numba
-import numpy as np  # also loads NumPy's BLAS, so it is mapped when _lookup looks
+import numpy as np  # noqa: F401  (loads NumPy's BLAS, so it is mapped when we look)
 
 
 def set_threads(threads):
@@ -174,23 +170,3 @@ def run_on_threads(chunks, threads, worker, name="worker"):
         futures = [_executors[key].submit(worker, take()) for _ in range(threads)]
         concurrent.futures.wait(futures)
     return [f.result() for f in futures]
-
-
-def matmul(a, b, chunk_bytes=2 << 20):
-    """a @ b of 2-D a (M, K) and b (K, N), blocks of about `chunk_bytes` of rows of a and of the
-    result computed on the worker threads, one single-threaded GEMM each: the linear layers' GEMMs,
-    without multi-threaded BLAS's spinning threads. Row blocks need no reduction afterwards; each
-    block re-reads all of b, hence blocks of many rows. a may be a transposed view (grad.T): BLAS
-    reads it in place."""
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    threads = worker_threads()
-    if threads == 1:
-        return np.matmul(a, b, out=out)
-    chunks = split(a.shape[0], (a.shape[1] + b.shape[1]) * out.itemsize, chunk_bytes, threads)
-
-    def worker(my_chunks):
-        for s, e in my_chunks:
-            np.matmul(a[s:e], b, out=out[s:e])
-
-    run_on_threads(chunks, threads, worker, "gemm")
-    return out

@@ -1,16 +1,12 @@
 """Every op in nanoq4/ops.py: backward against float64 central differences over awkward shapes,
 and forward values against independent NumPy references written here (direct loops, formulas).
 """
-import threading
-
-import numba
 import numpy as np
 import pytest
 
 from gradcheck import check_gradients
-from nanoq4 import kernels, ops, parallel
+from nanoq4 import ops
 from nanoq4.tensor import Tensor
-from test_parallel import deal_chunks_in_turns
 
 
 def leaf(shape, seed=0, dtype=np.float64):
@@ -173,15 +169,6 @@ def test_linear_gradient_and_values(bias, n, fin, fout):
     np.testing.assert_allclose(ops.linear(*inputs).data, expected)
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_linear_on_several_workers(monkeypatch, workers):
-    # Blocks of a few rows per GEMM, dealt to 1 or 3 workers: same values and gradients.
-    deal_chunks_in_turns(monkeypatch, workers)
-    x, w, b = leaf((7, 5), 1), leaf((4, 5), 2), leaf((4,), 3)
-    check_gradients(ops.linear, [x, w, b])
-    np.testing.assert_allclose(ops.linear(x, w, b).data, x.data @ w.data.T + b.data, rtol=1e-12)
-
-
 def test_linear_skips_input_gradient_when_not_needed():
     x = Tensor(np.ones((2, 3)))
     w = leaf((4, 3))
@@ -256,109 +243,6 @@ def test_conv2d_weight_gradient_when_input_is_constant():
     x.requires_grad = False
     check_gradients(lambda w, b: ops.conv2d(x, w, b, stride, pad), [w, b])
     assert x.grad is None
-
-
-# ---- im2col route on worker threads: chunks of images, one core each
-
-# (N, H, W, Cin, Cout, kernel, stride, padding, bias), N large enough to feed 3 workers
-PER_CORE_CASES = [
-    (4, 7, 5, 2, 3, 3, 2, 1, True),    # odd H and W, stride 2, padding 1
-    (3, 6, 7, 3, 4, 3, 1, 0, False),   # padding 0
-    (5, 9, 9, 3, 8, 3, 1, 1, False),   # VGG4bit's first layer, small
-    (3, 5, 5, 3, 4, 1, 1, 0, True),    # 1x1: the pixels are the im2col rows
-]
-
-
-def conv2d_gradients_reference(x, w, grad, stride, pad):
-    """(dx, dw) of a convolution in plain NumPy: the kernels' im2col/col2im twins and one GEMM each."""
-    cout, kh, kw, _ = w.shape
-    g = grad.reshape(-1, cout)
-    dx = kernels.col2im_reference(g @ w.reshape(cout, -1), x.shape, kh, kw, stride, pad)
-    dw = (g.T @ kernels.im2col_reference(x, kh, kw, stride, pad)).reshape(w.shape)
-    return dx, dw
-
-
-def conv2d_with_gradients(x, w, b, grad, stride, pad):
-    xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
-    bt = None if b is None else Tensor(b, requires_grad=True)
-    out = ops.conv2d(xt, wt, bt, stride, pad)
-    out.backward(grad)
-    return out.data, xt.grad, wt.grad, None if b is None else bt.grad
-
-
-@pytest.mark.parametrize("workers", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("case", PER_CORE_CASES, ids=str)
-def test_conv2d_im2col_route_on_worker_threads_matches_plain_numpy(monkeypatch, case, dtype, workers):
-    # One image per chunk, dealt to 1, 2 or 3 workers: the output, dx, dw (summed over the
-    # workers) and the bias gradient equal plain NumPy's im2col + GEMM to the dtype's precision.
-    deal_chunks_in_turns(monkeypatch, workers)
-    monkeypatch.setattr(ops, "CONV_CHUNK_BYTES", 1)
-    x64, w64, b64, stride, pad = (t.data if isinstance(t, Tensor) else t for t in conv_inputs(case))
-    grad64 = np.random.default_rng(7).standard_normal(
-        (x64.shape[0],) + conv2d_reference(x64[:1], w64, None, stride, pad).shape[1:])
-    x, w, grad = (a.astype(dtype) for a in (x64, w64, grad64))
-    b = None if b64 is None else b64.astype(dtype)
-    out, dx, dw, db = conv2d_with_gradients(x, w, b, grad, stride, pad)
-    dx_ref, dw_ref = conv2d_gradients_reference(x64, w64, grad64, stride, pad)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    for name, actual, expected in (("y", out, conv2d_reference(x64, w64, b64, stride, pad)),
-                                   ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
-        assert actual.dtype == dtype, name
-        np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * np.abs(expected).max(), err_msg=name)
-    if b is not None:
-        np.testing.assert_allclose(db, grad64.reshape(-1, w.shape[0]).sum(axis=0), rtol=tol, atol=tol * 10)
-
-
-def test_conv2d_im2col_route_gradients_on_several_workers(monkeypatch):
-    deal_chunks_in_turns(monkeypatch, 3)
-    monkeypatch.setattr(ops, "CONV_CHUNK_BYTES", 1)
-    x, w, b, stride, pad = conv_inputs(PER_CORE_CASES[0])
-    check_gradients(lambda x, w, b: ops.conv2d(x, w, b, stride, pad), [x, w, b],
-                    names=["input", "weight", "bias"])
-
-
-def test_conv2d_im2col_chunks_run_on_worker_threads_with_one_blas_thread(monkeypatch):
-    # Real threads. Each worker's first im2col/col2im of a pass waits at a barrier until every
-    # worker has taken a chunk, so all of them work in both passes; the results still equal
-    # plain NumPy's, and BLAS is held to one thread inside the workers, restored after.
-    if not parallel.blas_available():
-        pytest.skip("NumPy's BLAS thread count cannot be changed here (not OpenBLAS on Linux)")
-    if numba.config.DISABLE_JIT or numba.get_num_threads() < 2:
-        pytest.skip("needs compiled kernels and at least 2 Numba threads")
-    kernels.im2col(np.zeros((1, 3, 3, 1)), 3, 3, 1, 1)  # loads Numba's threading layer
-    x, w, b, stride, pad = conv_inputs(PER_CORE_CASES[0])
-    workers = min(parallel.worker_threads(), x.shape[0])
-    assert workers == min(numba.get_num_threads(), x.shape[0])
-    monkeypatch.setattr(ops, "CONV_CHUNK_BYTES", 1)  # one image per chunk
-    barrier, state, seen = threading.Barrier(workers, timeout=30), threading.local(), []
-    phase = ["forward"]
-
-    def spy(real):
-        def call(*args, **kwargs):
-            if getattr(state, "phase", None) != phase[0]:
-                state.phase = phase[0]
-                barrier.wait()
-            seen.append((phase[0], threading.current_thread().name, parallel.get_blas_threads()))
-            return real(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(kernels, "im2col", spy(kernels.im2col))
-    monkeypatch.setattr(kernels, "col2im", spy(kernels.col2im))
-    before = parallel.get_blas_threads()
-    out = ops.conv2d(x, w, b, stride, pad)
-    phase[0] = "backward"
-    grad = np.random.default_rng(7).standard_normal(out.shape)
-    out.backward(grad)
-    for name in ("forward", "backward"):
-        threads = {thread for p, thread, _ in seen if p == name}
-        assert len(threads) == workers and all(t.startswith("im2col") for t in threads), f"{name}: {threads}"
-    assert {blas for _, _, blas in seen} == {1}, "BLAS held to one thread inside the workers"
-    assert parallel.get_blas_threads() == before
-    dx_ref, dw_ref = conv2d_gradients_reference(x.data, w.data, grad, stride, pad)
-    np.testing.assert_allclose(out.data, conv2d_reference(x.data, w.data, b.data, stride, pad), rtol=1e-12)
-    np.testing.assert_allclose(x.grad, dx_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(w.grad, dw_ref, rtol=1e-12, atol=1e-12)
 
 
 # ---- Winograd route: 3x3 / stride 1 / padding 1 with Cin >= ops.WINOGRAD_MIN_CIN

@@ -118,35 +118,3 @@ def test_run_on_threads_returns_each_workers_result_and_raises_its_error():
 
     with pytest.raises(RuntimeError, match="worker failed"):
         parallel.run_on_threads([1, 2], 2, failing, name="test-fail")
-
-
-def deal_chunks_in_turns(monkeypatch, workers):
-    """Make worker_threads() `workers` and run_on_threads deal the chunks round robin to that many
-    workers, run one after another on the calling thread: every worker surely gets chunks (real
-    threads share them first come first served, and one fast thread may take them all), so the
-    combining of the workers' results is exercised on every run."""
-    def dealt(chunks, threads, worker, name="worker"):
-        return [worker(iter(chunks[i::threads])) for i in range(min(threads, len(chunks)))]
-
-    monkeypatch.setattr(parallel, "worker_threads", lambda: workers)
-    monkeypatch.setattr(parallel, "run_on_threads", dealt)
-
-
-@pytest.mark.parametrize("workers", [1, 2, 3])
-@pytest.mark.parametrize("a_shape, b_shape, transposed", [((7, 5), (5, 4), False), ((1, 3), (3, 6), False),
-                                                          ((9, 6), (6, 2), True)], ids=str)
-def test_matmul_in_row_blocks_equals_numpy(monkeypatch, a_shape, b_shape, transposed, workers):
-    # Tiny chunks: one row block per row, dealt to the workers; a transposed view as a (the
-    # linear layers' grad.T) is read in place.
-    deal_chunks_in_turns(monkeypatch, workers)
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal(a_shape[::-1]).T if transposed else rng.standard_normal(a_shape)
-    b = rng.standard_normal(b_shape)
-    out = parallel.matmul(a, b, chunk_bytes=1)
-    assert out.shape == (a_shape[0], b_shape[1]) and out.dtype == np.float64
-    np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)
-
-
-def test_matmul_keeps_float32():
-    a, b = np.ones((4, 3), np.float32), np.ones((3, 2), np.float32)
-    assert parallel.matmul(a, b).dtype == np.float32
