@@ -1,25 +1,54 @@
-"""How fast is a VGG4bit training step? nanoq4 against this machine's GEMM rate and PyTorch CPU.
+"""How fast is a VGG4bit training step? nanoq4 against this machine's GEMM rate and PyTorch CPU,
+and the other targets of issue #12 (memory, a shared CPU, start-up time).
 
-    python benchmarks/bench_train_step.py [--batch 128] [--steps 10] [--no-torch]
+    python benchmarks/bench_train_step.py [--batch 128] [--steps 10] [--shared-steps 20]
+        [--no-torch] [--no-shared-cpu] [--no-startup] [--startup-dataset synthetic]
 
 Times forward, backward and optimizer step (fake quantization, AdamW, tanh soft clip) at batch
 128, median over --steps steps after warm-up (Numba compilation is timed separately); prints
 images/s, achieved GFLOP/s, the time the same GEMMs take in bare NumPy matmul, a per-op table,
-the data-pipeline cost per batch, peak RSS, eval throughput (batch 1000, no gradients) of the
-training model and of the model loaded from the exported int4 file, and, when torch is
-importable, the same model in PyTorch timed the same way with the ratios nanoq4/PyTorch.
+the data-pipeline cost per batch, a per-layer convolution table, then:
+
+  memory      peak RSS (MB = 10^6 bytes) up to the end of the timed steps (the GEMM comparison runs
+              after it, so its large matrices are not counted), and the page faults (minor and
+              major, getrusage) of each timed step: a step that allocates a fresh large buffer
+              faults once per page of it. The target "no new large buffers after warm-up" is read
+              as: fewer faults per step (median) than one fresh 1 MiB buffer would cause.
+  shared CPU  --shared-steps more steps while one CPU-bound single-threaded process (a Python
+              busy loop the benchmark starts, and stops whatever happens) runs next to it: images/s
+              against the idle steps' (both total images / total time, so stalls count) and the
+              slowest single step. Skipped with --no-shared-cpu.
+  eval        throughput (batch 1000, no gradients) of the training model and of the model loaded
+              from the exported int4 file.
+  start-up    the real trainer (`python -m nanoq4.train`, VGG4bit, one step of --startup-dataset,
+              default synthetic; cifar10 reads $NANOQ4_DATA) run twice in fresh processes: wall time
+              from launch until its first training step has finished, first with an empty Numba
+              cache, then with the cache that run wrote (the "second run starts training within
+              5 s" target); the difference is the first run's compile time. Skipped with
+              --no-startup.
+  PyTorch     when torch is importable (and not --no-torch), the same model timed the same way,
+              and the ratios nanoq4/PyTorch.
+
+It ends with a table of issue #12's targets, the measured values and pass/fail (n/a where a part
+was skipped or torch is missing). The full table: `python benchmarks/bench_train_step.py` on an
+otherwise idle machine with torch installed.
 """
+import contextlib
 import os
 import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_data
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+import nanoq4  # noqa: E402
 from nanoq4 import cli, export, models, nn, ops, optim, profile  # noqa: E402
 from nanoq4.tensor import Tensor, no_grad  # noqa: E402
 
@@ -64,10 +93,40 @@ def gemm_seconds(batch, repeats=3):
 
 
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, in MB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
-def bench_nanoq4(batch, steps):
+def page_faults():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
+# A step that allocates a fresh buffer of this size faults about this many times (once per page).
+LARGE_BUFFER_FAULTS = (1 << 20) // resource.getpagesize()
+
+
+@contextlib.contextmanager
+def busy_process():
+    """One CPU-bound single-threaded process running next to the block: a Python busy loop. It is
+    stopped on the way out whatever happens (exception, Ctrl-C), and stops by itself should this
+    process die first (it watches its parent)."""
+    loop = ("import os\nparent = os.getppid()\ntry:\n    while os.getppid() == parent:\n"
+            "        for _ in range(100000): pass\nexcept KeyboardInterrupt: pass")
+    proc = subprocess.Popen([sys.executable, "-c", loop])
+    try:
+        time.sleep(0.5)  # started and holding its core before the first timed step
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def bench_nanoq4(batch, steps, shared_steps):
     nn.manual_seed(0)
     model = models.vgg4bit(10).train()
     opt = optim.AdamW(optim.param_groups(model, 5e-4), lr=1e-3)
@@ -76,8 +135,11 @@ def bench_nanoq4(batch, steps):
     x = rng.standard_normal((batch, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 10, batch)
     parts = {"forward": [], "backward": [], "optimizer": []}
+    faults = []
 
     def step(record):
+        """One training step -> its wall time; with `record`, its parts and page faults are kept."""
+        faults_before = page_faults()
         t0 = time.perf_counter()
         loss = ops.cross_entropy(model(Tensor(x)), y)
         t1 = time.perf_counter()
@@ -91,6 +153,8 @@ def bench_nanoq4(batch, steps):
             parts["forward"].append(t1 - t0)
             parts["backward"].append(t2 - t1)
             parts["optimizer"].append(t3 - t2)
+            faults.append(page_faults() - faults_before)
+        return t3 - t0
 
     start = time.perf_counter()
     step(False)  # compiles (or loads from cache) every Numba kernel on the path
@@ -102,6 +166,10 @@ def bench_nanoq4(batch, steps):
     table = profile.table(steps, min_ms=0.5)
     totals = [sum(t) for t in zip(*parts.values())]
     train_rss = peak_rss_mb()
+    shared = None
+    if shared_steps:
+        with busy_process():
+            shared = [step(False) for _ in range(shared_steps)]
 
     model.eval()
     xe = rng.standard_normal((1000, 32, 32, 3), dtype=np.float32)
@@ -116,7 +184,71 @@ def bench_nanoq4(batch, steps):
         loaded.logits(xe)
         file_eval_s = median_time(lambda: loaded.logits(xe, batch_size=1000), 3)
     return dict(step=float(np.median(totals)), parts={k: float(np.median(v)) for k, v in parts.items()},
-                first_step=first, table=table, train_rss=train_rss, eval_s=eval_s, file_eval_s=file_eval_s)
+                first_step=first, table=table, train_rss=train_rss, eval_s=eval_s, file_eval_s=file_eval_s,
+                idle_images_s=batch * steps / sum(totals), faults=faults,
+                shared_images_s=None if shared is None else batch * len(shared) / sum(shared),
+                shared_worst=None if shared is None else max(shared))
+
+
+# The real trainer for one step, reporting when that step has finished (and its peak RSS in KiB)
+# and then leaving at once (no evaluation, no export): train_step is wrapped where train() looks it
+# up. The peak is VmHWM: ru_maxrss of a process just launched also counts its parent's RSS at launch.
+STARTUP_SCRIPT = """
+import os, resource, sys
+import nanoq4.train as trainer
+
+def peak_rss_kib():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def first_step(*args):
+    real_step(*args)
+    print("FIRST STEP DONE", peak_rss_kib(), flush=True)
+    os._exit(0)
+
+real_step, trainer.train_step = trainer.train_step, first_step
+trainer.main(sys.argv[1:])
+"""
+
+
+def time_to_first_step(batch, dataset, cache_dir, timeout=1800):
+    """Seconds from launching `python -m nanoq4.train` (as STARTUP_SCRIPT) until its first training
+    step has finished, with NUMBA_CACHE_DIR=cache_dir -> (seconds, peak RSS MB of the trainer)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(Path(nanoq4.__file__).resolve().parents[1])] +
+                                          [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    with tempfile.TemporaryDirectory() as out:
+        argv = [sys.executable, "-c", STARTUP_SCRIPT, "--dataset", dataset, "--model", "vgg4bit", "--epochs", "1",
+                "--max-steps-per-epoch", "1", "--batch-size", str(batch), "--tta", "none", "--no-progress",
+                "--no-download", "--out", str(Path(out) / "run")]
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        lines = []
+        try:
+            for line in proc.stdout:
+                if line.startswith("FIRST STEP DONE"):
+                    return time.perf_counter() - start, int(line.split()[-1]) * 1024 / 1e6
+                lines.append(line)
+            raise RuntimeError("the trainer ended before finishing a step:\n" + "".join(lines[-20:]))
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+
+
+def bench_startup(batch, dataset):
+    """(first run, second run): time to the first finished step with an empty, then a warm, Numba cache."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        first = time_to_first_step(batch, dataset, cache_dir)
+        second = time_to_first_step(batch, dataset, cache_dir)
+    return first, second
 
 
 def conv_layer_table(batch, repeats=3):
@@ -207,19 +339,41 @@ def bench_torch(batch, steps):
     return dict(step=step_s, eval_s=eval_s, threads=torch.get_num_threads())
 
 
-def main():
-    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=cli.int_at_least(2), default=128, help="images per step, >= 2 (default 128)")
-    p.add_argument("--steps", type=cli.int_at_least(1), default=10, help="timed steps (default 10)")
-    p.add_argument("--no-torch", action="store_true")
-    args = p.parse_args()
+def target_rows(gemm_s, r, t, startup):
+    """(target, measured, pass) per issue #12 target; measured None: not measured this run."""
+    def ratio(a, c):
+        return None if a is None or c is None else a / c
+
+    shared = ratio(r["shared_images_s"], r["idle_images_s"])
+    fault_median = float(np.median(r["faults"]))
+    rows = [
+        ("training step, nanoq4/PyTorch time", "<= 0.5", ratio(r["step"], t and t["step"]), "{:.2f}",
+         lambda v: v <= 0.5),
+        ("training step / bare im2col GEMM time", "<= 0.7", r["step"] / gemm_s, "{:.2f}", lambda v: v <= 0.7),
+        ("eval from .nq4 file, x PyTorch images/s", ">= 2.5", ratio(t and t["eval_s"], r["file_eval_s"]), "{:.2f}",
+         lambda v: v >= 2.5),
+        ("shared CPU: images/s kept", ">= 45%", shared, "{:.0%}", lambda v: v >= 0.45),
+        ("peak RSS while training", "<= 1000 MB", r["train_rss"], "{:.0f} MB", lambda v: v <= 1000),
+        ("page faults per step (median)", f"< {LARGE_BUFFER_FAULTS}", fault_median, "{:.0f}",
+         lambda v: v < LARGE_BUFFER_FAULTS),
+        ("trainer start to first step, 2nd run", "<= 5 s", startup and startup[1][0], "{:.1f} s", lambda v: v <= 5),
+        ("trainer start to first step, 1st run", "report", startup and startup[0][0], "{:.1f} s", None),
+        ("  of which compiling (1st - 2nd run)", "report", startup and startup[0][0] - startup[1][0], "{:.1f} s",
+         None),
+    ]
+    return [(name, target, "n/a" if v is None else fmt.format(v),
+             "n/a" if v is None else "-" if check is None else "pass" if check(v) else "FAIL")
+            for name, target, v, fmt, check in rows]
+
+
+def main(args):
     b = args.batch
     gflop = step_gflop(b)
     print(f"VGG4bit training step, batch {b}: {gflop:.1f} GFLOP")
-    gemm_s = gemm_seconds(b)
+    r = bench_nanoq4(b, args.steps, 0 if args.no_shared_cpu else args.shared_steps)
+    gemm_s = gemm_seconds(b)  # after training: its large matrices stay out of the training's peak RSS
     print(f"bare NumPy matmul on the same GEMM shapes: {gemm_s:.3f} s ({gflop / gemm_s:.0f} GFLOP/s)")
 
-    r = bench_nanoq4(b, args.steps)
     print(f"\nnanoq4: first step (Numba compile or cache load) {r['first_step']:.1f} s")
     print(f"nanoq4 step (median of {args.steps}): {r['step']:.3f} s = {b / r['step']:.0f} images/s, "
           f"{gflop / r['step']:.0f} GFLOP/s, {r['step'] / gemm_s:.2f}x the bare GEMM time")
@@ -237,23 +391,55 @@ def main():
     print("  * im2col-equivalent FLOPs (9 Cin Cout per output pixel) / measured time; Winograd does"
           " 2.25x fewer multiplications, so it can exceed the GEMM rate")
     print(f"\npeak RSS while training: {r['train_rss']:.0f} MB")
+    print(f"page faults per timed step (minor + major): median {np.median(r['faults']):.0f}, "
+          f"max {max(r['faults'])} ({LARGE_BUFFER_FAULTS} = one fresh 1 MiB buffer)")
+    if r["shared_images_s"] is not None:
+        print(f"shared CPU ({args.shared_steps} steps next to one busy single-threaded process): "
+              f"{r['shared_images_s']:.0f} images/s vs {r['idle_images_s']:.0f} idle "
+              f"({r['shared_images_s'] / r['idle_images_s']:.0%} kept); slowest step {r['shared_worst']:.2f} s")
     print(f"eval, batch 1000, no gradients: {1000 / r['eval_s']:.0f} images/s (training model), "
           f"{1000 / r['file_eval_s']:.0f} images/s (model loaded from the int4 file)")
 
-    if args.no_torch:
-        return
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("\ntorch not installed: no PyTorch comparison (pip install torch==2.13.0)")
-        return
-    t = bench_torch(b, args.steps)
-    print(f"\nPyTorch {torch.__version__} ({t['threads']} threads): step {t['step']:.3f} s = "
-          f"{b / t['step']:.0f} images/s; eval {1000 / t['eval_s']:.0f} images/s")
-    print(f"ratio nanoq4/PyTorch, training step time: {r['step'] / t['step']:.2f} (<= 1.0 means nanoq4 is faster)")
-    print(f"ratio nanoq4/PyTorch, eval throughput: {t['eval_s'] / r['eval_s']:.2f} (>= 1.0 means nanoq4 is faster)")
+    startup = None
+    if not args.no_startup:
+        startup = bench_startup(b, args.startup_dataset)
+        (first_s, first_rss), (second_s, second_rss) = startup
+        print(f"\ntrainer start to first finished step ({args.startup_dataset} data, batch {b}): "
+              f"{first_s:.1f} s with an empty Numba cache, {second_s:.1f} s with the cache it wrote "
+              f"(compiling took ~{first_s - second_s:.0f} s); trainer's peak RSS by then {second_rss:.0f} MB")
+
+    t = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            print("\ntorch not installed: no PyTorch comparison (pip install torch==2.13.0)")
+        else:
+            t = bench_torch(b, args.steps)
+            print(f"\nPyTorch {torch.__version__} ({t['threads']} threads): step {t['step']:.3f} s = "
+                  f"{b / t['step']:.0f} images/s; eval {1000 / t['eval_s']:.0f} images/s")
+            print(f"ratio nanoq4/PyTorch, training step time: {r['step'] / t['step']:.2f} "
+                  f"(<= 1.0 means nanoq4 is faster)")
+            print(f"ratio nanoq4/PyTorch, eval throughput: {t['eval_s'] / r['eval_s']:.2f} "
+                  f"(>= 1.0 means nanoq4 is faster)")
+
+    print(f"\n{'issue #12 target':<42}{'target':>12}{'measured':>12}{'':>6}")
+    for name, target, value, verdict in target_rows(gemm_s, r, t, startup):
+        print(f"{name:<42}{target:>12}{value:>12}  {verdict}")
+    return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=cli.int_at_least(2), default=128, help="images per step, >= 2 (default 128)")
+    p.add_argument("--steps", type=cli.int_at_least(1), default=10, help="timed steps (default 10)")
+    p.add_argument("--shared-steps", type=cli.int_at_least(1), default=20,
+                   help="timed steps next to a busy process (default 20)")
+    p.add_argument("--no-torch", action="store_true", help="no PyTorch comparison")
+    p.add_argument("--no-shared-cpu", action="store_true", help="skip the shared-CPU scenario")
+    p.add_argument("--no-startup", action="store_true", help="skip the trainer start-up runs")
+    p.add_argument("--startup-dataset", default="synthetic", choices=("synthetic", "cifar10"),
+                   help="data of the start-up runs (default synthetic; cifar10 reads $NANOQ4_DATA)")
+    arguments = p.parse_args()
+    sys.exit(cli.run_command(lambda: main(arguments)))

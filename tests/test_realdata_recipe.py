@@ -16,8 +16,8 @@ from test_realdata_train import cifar_folder
 pytestmark = pytest.mark.realdata
 
 RECIPE_STEPS = 50        # 12,800 images: about 2 minutes on 2 cores
-MEASURED = 0.477         # accuracy of this exact run when the threshold was set (2026-12-01)
-THRESHOLD = 0.42         # fails below this: a regression of ~6 points
+MEASURED = 0.500         # accuracy of this exact run when the threshold was set (2026-12-02)
+THRESHOLD = 0.44         # fails below this: a regression of ~6 points
 
 
 def test_default_recipe_short_run_on_cifar10(tmp_path):
@@ -25,7 +25,7 @@ def test_default_recipe_short_run_on_cifar10(tmp_path):
                       data_dir=cifar_folder(), download=False, progress=False, out=str(tmp_path))
     # The recipe MEASURED was taken with; a change of the defaults means measuring the threshold again.
     assert (cfg.model, cfg.batch_size, cfg.resolved_lr(), cfg.per_channel, cfg.bits, cfg.label_smoothing,
-            cfg.dropout, cfg.optimizer, cfg.schedule) == ("vgg4bit", 256, 0.1, True, 4, 0.2, 0.2, "sgd", "onecycle")
+            cfg.dropout, cfg.optimizer, cfg.schedule) == ("vgg4bit", 256, 0.1, True, 4, 0.2, 0.0, "sgd", "onecycle")
     start = time.perf_counter()
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
