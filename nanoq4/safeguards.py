@@ -31,6 +31,7 @@ NUMERIC_DOMAINS = (
     ("label_smoothing", False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
     ("dropout", False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
     ("seed", True, False, lambda v: v >= 0, ">= 0"),
+    ("bn_reestimate", True, False, lambda v: v >= 0, ">= 0 (0: off)"),
     ("threads", True, True, lambda v: 1 <= v <= available_cores(), "from 1 to {cores} (the cores available)"),
     ("max_steps_per_epoch", True, True, lambda v: v >= 1, ">= 1"),
     ("divergence_factor", False, False, lambda v: v == 0 or v > 1, "0 (no divergence stop) or > 1"),

@@ -7,7 +7,8 @@ train(), then the command line, whose flags are generated from TrainConfig.
 One step = forward -> cross-entropy -> backward -> optional gradient-norm clip -> SGD/AdamW step
 -> tanh soft clip of the quantized weights (an optimizer hook). After each epoch: test accuracy,
 grid statistics of every quantized layer, a checkpoint and the run folder's metrics and curves
-(runlog.py). The final model is also evaluated with test-time augmentation (--tta), exported as a
+(runlog.py). After the last epoch --bn-reestimate N first recomputes the batch-norm statistics with the
+final weights; the final model is also evaluated with test-time augmentation (--tta), exported as a
 packed int4 file (model.nq4), and the FINAL epoch's test accuracy is reported.
 
 Never losing a run (safeguards.py): every setting is checked before any work starts; a folder that
@@ -22,6 +23,7 @@ alone prints and writes files; without mpiexec nothing of this runs.
 """
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import shlex
@@ -55,6 +57,7 @@ RUN_ENVIRONMENT = ("out", "resume", "threads", "overwrite", "allow_changes")
 # with: such a checkpoint's config lacks "dropout", and its lr None meant the old sgd default.
 LEGACY_SETTINGS = dict(dropout=0.5, tta="none")
 LEGACY_SGD_LR = 0.05
+ADDED_SETTINGS = dict(flip="random", bn_reestimate=0)  # what every checkpoint without them trained with
 
 
 # ----------------------------------------------------------------------------- the settings
@@ -99,7 +102,14 @@ class TrainConfig:
     tta: str = setting("flip-translate", "test-time augmentation of the final evaluation: none, flip (2 views) or "
                                          "flip-translate (6 views); the plain accuracy is always reported too",
                        choices=TTA_MODES)
+    bn_reestimate: int = setting(0, "after the last epoch, before the final evaluation and the export: set the "
+                                    "batch-norm statistics to their average over this many training batches (the "
+                                    "last epoch's first ones) computed with the final weights, quantized as in "
+                                    "training, instead of the running averages (Nagel et al. 2022); 0: off", metavar="BATCHES")
     augment: bool = setting(True, "disable random crop (zero padding 4) + horizontal flip")
+    flip: str = setting("random", "horizontal flips of the augmentation: random (each image with probability 0.5, "
+                                  "every epoch) or alternate (airbench: a random half in epoch 1, then each image "
+                                  "the other way from the epoch before)", choices=data.FLIP_MODES)
     coarse: bool = setting(False, "CIFAR-100: the 20 coarse labels")
     seed: int = setting(0, "random seed of the weights, the data order, the augmentation and dropout")
     data_dir: str = setting(None, "data folder (default $NANOQ4_DATA, else ./data)")
@@ -148,6 +158,8 @@ def validate(cfg):
         raise NanoQ4Error(f"unknown schedule {cfg.schedule!r}; choose onecycle, cosine or constant")
     if cfg.tta not in TTA_MODES:
         raise NanoQ4Error(f"unknown --tta {cfg.tta!r}; choose one of: {', '.join(TTA_MODES)}")
+    if cfg.flip not in data.FLIP_MODES:
+        raise NanoQ4Error(f"unknown --flip {cfg.flip!r}; choose {' or '.join(data.FLIP_MODES)}")
     data.check_dataset_spec(cfg.dataset, cfg.coarse)
     for name in ("out", "resume", "data_dir"):
         value = getattr(cfg, name)
@@ -164,6 +176,7 @@ def resumed_config(cfg, saved, given=None):
     the others unless cfg.allow_changes. -> (config, {name: (checkpoint's, new)} allowed changes)."""
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     given = set(names if given is None else given)
+    saved = {**ADDED_SETTINGS, **saved}
     if "dropout" not in saved:  # written before this setting existed: the values it trained with
         saved = {**LEGACY_SETTINGS, **saved}
         if saved.get("lr") is None and saved.get("optimizer", "sgd") == "sgd":
@@ -403,7 +416,10 @@ def setup(cfg, given, group):
     run.cfg, run.dataset, run.model, run.opt = cfg, dataset, model, make_optimizer(model, cfg)
     run.loader = data.BatchLoader(dataset.x_train, dataset.y_train, cfg.batch_size, dataset.mean, dataset.std,
                                   augment=cfg.augment, shuffle=True, seed=cfg.seed, prefetch=True,
-                                  shard=group.rank, shards=group.size)
+                                  shard=group.rank, shards=group.size, flip=cfg.flip)
+    if cfg.bn_reestimate > len(run.loader):
+        raise NanoQ4Error(f"--bn-reestimate {cfg.bn_reestimate} asks for more than the {len(run.loader)} training "
+                          f"batches of an epoch; choose at most {len(run.loader)}")
     run.steps_per_epoch = min(len(run.loader), cfg.max_steps_per_epoch or len(run.loader))
     run.schedule = make_schedule(cfg, run.steps_per_epoch)
     run.warmup = warmup_steps(cfg, run.steps_per_epoch)
@@ -553,12 +569,15 @@ def end_epoch(run, epoch, step, totals, epoch_start):
     group.check_same((run.model.state_dict(), run.opt.state), f"by the end of epoch {epoch + 1}",
                      f"resume from {run.last_good}" if run.last_good else "no checkpoint was saved yet")
     train_time = time.perf_counter() - epoch_start
+    reestimated = reestimate_statistics(run, epoch) if epoch + 1 == cfg.epochs and cfg.bn_reestimate else None
     test_loss, test_acc, _ = evaluate(run.model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
                                       group=group)
     stats = grid_summary(run.model, cfg, run.prev_codes)
     record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
                   test_loss=test_loss, test_acc=test_acc, lr=run.opt.lr, epoch_time=time.perf_counter() - epoch_start,
                   train_images_per_s=seen / train_time, grid=stats)
+    if reestimated:
+        record["bn_reestimate"] = reestimated
     # the epoch's last steps blew the weights up (after the warm-up: a barely trained network's
     # batch-norm statistics can legitimately give a large test loss): keep the last checkpoint
     after_warmup = step - run.warmup
@@ -583,6 +602,21 @@ def end_epoch(run, epoch, step, totals, epoch_start):
     group.on_root(runlog.write_metrics, run.metrics_path, cfg, run.history)
     group.on_root(runlog.plot_curves, run.history, run.out / "curves.png")
     run.say(runlog.epoch_line(record, cfg.epochs))
+
+
+def reestimate_statistics(run, epoch):
+    """--bn-reestimate: the batch-norm statistics recomputed with the final weights over the first
+    batches of the last epoch (its order and augmentation) -> the record {batches, test accuracy
+    before}. It runs in end_epoch, before the final evaluation and the checkpoint, so a resumed run
+    neither repeats nor skips it. Per-rank statistics (no --sync-bn) are averaged over the ranks."""
+    cfg, dataset = run.cfg, run.dataset
+    before = evaluate(run.model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std, group=run.group)[1]
+    run.loader.set_epoch(epoch)
+    batches = (xb for xb, _ in itertools.islice(run.loader, cfg.bn_reestimate))
+    count = nn.reestimate_batch_norm(run.model, batches)
+    if not cfg.sync_bn:
+        run.group.average([b for _, b in run.model.named_buffers()])
+    return dict(batches=count, test_acc_before=before)
 
 
 def finish(run, run_start):
