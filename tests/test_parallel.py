@@ -118,3 +118,55 @@ def test_run_on_threads_returns_each_workers_result_and_raises_its_error():
 
     with pytest.raises(RuntimeError, match="worker failed"):
         parallel.run_on_threads([1, 2], 2, failing, name="test-fail")
+
+
+# ----------------------------------------------------------------------------- accumulating GEMM
+
+def stack(shape, dtype, seed, transposed=False):
+    """A stack of random matrices; transposed: a (S, M, K) view of a C-contiguous (S, K, M) array."""
+    rng = np.random.default_rng(seed)
+    if transposed:
+        return rng.standard_normal((shape[0], shape[2], shape[1])).astype(dtype).transpose(0, 2, 1)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("s, m, k, n", [(3, 5, 7, 4), (2, 1, 9, 1), (36, 6, 10, 3), (1, 1, 1, 1)])
+@pytest.mark.parametrize("a_transposed", [False, True], ids=["A", "A^T view"])
+@pytest.mark.parametrize("b_transposed", [False, True], ids=["B", "B^T view"])
+def test_matmul_accumulate_adds_the_product_into_out(dtype, s, m, k, n, a_transposed, b_transposed):
+    a, b = stack((s, m, k), dtype, 0, a_transposed), stack((s, k, n), dtype, 1, b_transposed)
+    out = stack((s, m, n), dtype, 2)
+    expected = out.astype(np.float64) + np.matmul(a.astype(np.float64), b.astype(np.float64))
+    result = parallel.matmul_accumulate(a, b, out)
+    assert result is out and out.dtype == dtype
+    np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
+def test_matmul_accumulate_uses_blas_with_beta_one_when_it_can(monkeypatch):
+    if not (sys.platform.startswith("linux") and numpy_uses_openblas()):
+        pytest.skip("the CBLAS GEMM is looked up in NumPy's OpenBLAS on Linux")
+    assert parallel._lookup_gemms(), "NumPy's OpenBLAS exports a CBLAS GEMM: dU is summed without a copy"
+    monkeypatch.setattr(parallel.np, "matmul", lambda *a, **k: pytest.fail("fell back to np.matmul"))
+    a, b, out = stack((4, 3, 5), np.float32, 0, True), stack((4, 5, 2), np.float32, 1), np.zeros((4, 3, 2), np.float32)
+    parallel.matmul_accumulate(a, b, out)
+    parallel.matmul_accumulate(a, b, out)
+    np.testing.assert_allclose(out, 2 * np.einsum("smk,skn->smn", a, b), rtol=1e-5)
+
+
+def test_matmul_accumulate_falls_back_without_blas_or_for_unreadable_layouts(monkeypatch):
+    a, b = stack((2, 3, 4), np.float64, 0), stack((2, 4, 8), np.float64, 1)[:, :, ::2]  # columns strided
+    out = np.ones((2, 3, 4))
+    parallel.matmul_accumulate(a, b, out)
+    np.testing.assert_allclose(out, 1 + a @ b, rtol=1e-12)
+    monkeypatch.setattr(parallel, "_gemms", {})  # as if BLAS were not OpenBLAS
+    out = np.ones((2, 3, 4))
+    parallel.matmul_accumulate(a, np.ascontiguousarray(b), out)
+    np.testing.assert_allclose(out, 1 + a @ b, rtol=1e-12)
+
+
+def test_matmul_accumulate_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="shapes"):
+        parallel.matmul_accumulate(np.zeros((2, 3, 4)), np.zeros((2, 5, 6)), np.zeros((2, 3, 6)))
+    with pytest.raises(ValueError, match="shapes"):
+        parallel.matmul_accumulate(np.zeros((2, 3, 4)), np.zeros((2, 4, 6)), np.zeros((2, 3, 5)))
