@@ -226,12 +226,13 @@ def _gemm_operand(a):
 def matmul_accumulate(a, b, out):
     """out[i] += a[i] @ b[i] for stacks a (S, M, K), b (S, K, N), out (S, M, N), in BLAS with
     beta = 1 when the dtype, the layouts and the library allow it; else out += np.matmul(a, b)."""
-    if a.ndim != 3 or b.ndim != 3 or out.shape != (a.shape[0], a.shape[1], b.shape[2]) or b.shape[:2] != (a.shape[0], a.shape[2]):
+    if (a.ndim != 3 or b.ndim != 3 or b.shape[:2] != (a.shape[0], a.shape[2])
+            or out.shape != (a.shape[0], a.shape[1], b.shape[2])):
         raise ValueError(f"matmul_accumulate: shapes {a.shape} @ {b.shape} do not match out {out.shape}")
     gemm = _lookup_gemms().get(out.dtype)
     a_layout, b_layout, out_layout = _gemm_operand(a), _gemm_operand(b), _gemm_operand(out)
-    if (gemm is None or a.dtype != out.dtype or b.dtype != out.dtype or a_layout is None
-            or b_layout is None or out_layout is None or out_layout[0] != _NO_TRANS or 0 in a.shape + b.shape):
+    if (gemm is None or a.dtype != out.dtype or b.dtype != out.dtype or None in (a_layout, b_layout, out_layout)
+            or out_layout[0] != _NO_TRANS or 0 in a.shape + b.shape):
         out += np.matmul(a, b)
         return out
     stack, m, k = a.shape

@@ -8,17 +8,19 @@ Why: im2col + GEMM spends 9 * Cin * Cout multiply-adds per output pixel. Winogra
     Y = A^T [ (G g G^T) * (B^T d B) ] A        per tile, summed over input channels
 
 The points. F(4x4, 3x3) multiplies two polynomials of degrees 3 and 2 by evaluating them at
-4 + 3 - 1 = 6 points; these are 0, 1, -1, 2, -2 and infinity (the leading coefficient), the
-smallest integers there are. B^T (6x6) then has entries up to 5, G (6x3) the fractions 1/4, 1/6,
-1/12, 1/24, and A^T (4x6) the powers of two up to 8 (the matrices below).
+4 + 3 - 1 = 6 points; these are 0, 1, -1, 2, -2 and infinity (the leading coefficient): the
+integers of smallest magnitude, which keep the coefficients small. B^T (6x6) then has entries up
+to 5, G (6x3) the fractions 1/4, 1/6, 1/12, 1/24, and A^T (4x6) the powers of two up to 8 (the
+matrices below).
 
 The float32 trade-off. Those coefficients amplify rounding: each transformed value is a signed sum
-of up to 36 inputs with weights up to 25 (B) and 64 (A), where F(2x2) has only 0 and +-1, so the
-float32 result carries a few times the rounding error of F(2x2) or of a direct sum, relative to the
-output's scale. The tests bound it against float64; it stays orders of magnitude below a 4-bit
-weight step (1/14 of the weight range). U is computed in float64 and rounded once, so the
-fractions of G add no error of their own. Larger tiles (F(6x6, 3x3) needs 8 points, so +-1/2 and
-+-3 or worse) lose too many bits in float32; F(4x4) is the usual compromise.
+of up to 36 values with weights up to 25 (B) and 64 (A), where F(2x2)'s B and A hold only 0 and
++-1, so the float32 result carries more rounding error than F(2x2) or a direct sum, relative to
+the output's scale. tests/test_winograd.py bounds it against float64 at VGG4bit's shapes; it stays
+orders of magnitude below a 4-bit weight step (1/14 of the weight range). U is computed in
+float64 and rounded once, so the fractions of G add no error of their own. Larger tiles lose
+too many bits in float32 (F(6x6, 3x3) needs 8 points, so +-1/2 and +-3 or worse); F(4x4) is the
+usual compromise.
 
 Layouts (NHWC activations, (Cout, 3, 3, Cin) weights, as in nanoq4.ops):
   tiles  T = N * ceil(H/4) * ceil(W/4), numbered (image, tile row, tile column) row-major;
@@ -39,8 +41,8 @@ What forward keeps for backward: (x, U). U is small and independent of the batch
 floats: 18.3 MB for the five Winograd layers of VGG4bit), so backward reuses it instead of
 transforming w again. V is not kept: it is 2.25x the size of x (6x6 windows every 4 pixels), so
 keeping it would hold 321 MB more for VGG4bit at batch 256 against a 1 GB memory budget.
-Backward recomputes V chunk by chunk from x (which the graph holds anyway): one streaming input
-transform per chunk, a small cost next to the GEMMs.
+Backward recomputes V chunk by chunk from x (which the graph holds anyway): one more input
+transform per chunk, a streaming pass over x with no GEMM work.
 
 The batch runs in chunks of images whose V and M take ~CHUNK_BYTES (and hold at least
 MIN_CHUNK_TILES tiles, so the GEMMs have enough rows), so the transforms and the GEMMs hand each

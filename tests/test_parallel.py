@@ -148,7 +148,8 @@ def test_matmul_accumulate_uses_blas_with_beta_one_when_it_can(monkeypatch):
         pytest.skip("the CBLAS GEMM is looked up in NumPy's OpenBLAS on Linux")
     assert parallel._lookup_gemms(), "NumPy's OpenBLAS exports a CBLAS GEMM: dU is summed without a copy"
     monkeypatch.setattr(parallel.np, "matmul", lambda *a, **k: pytest.fail("fell back to np.matmul"))
-    a, b, out = stack((4, 3, 5), np.float32, 0, True), stack((4, 5, 2), np.float32, 1), np.zeros((4, 3, 2), np.float32)
+    a, b = stack((4, 3, 5), np.float32, 0, transposed=True), stack((4, 5, 2), np.float32, 1)
+    out = np.zeros((4, 3, 2), np.float32)
     parallel.matmul_accumulate(a, b, out)
     parallel.matmul_accumulate(a, b, out)
     np.testing.assert_allclose(out, 2 * np.einsum("smk,skn->smn", a, b), rtol=1e-5)

@@ -209,8 +209,9 @@ def test_float32_error_against_float64_is_small_at_vgg_shapes(case):
         difference = actual.astype(np.float64) - expected
         largest = float(np.abs(difference).max() / np.abs(expected).max())
         rms = float(np.linalg.norm(difference) / np.linalg.norm(expected))
-        assert largest <= MAX_ERROR_F32 and rms <= RMS_ERROR_F32, \
-            f"{name}: largest error {largest:.2g} of the output scale (bound {MAX_ERROR_F32}), rms {rms:.2g} (bound {RMS_ERROR_F32})"
+        assert largest <= MAX_ERROR_F32 and rms <= RMS_ERROR_F32, (
+            f"{name}: largest error {largest:.2g} of the output scale (bound {MAX_ERROR_F32}), "
+            f"rms {rms:.2g} (bound {RMS_ERROR_F32})")
 
 
 def test_backward_reference_matches_im2col_conv():
@@ -276,7 +277,8 @@ def test_backward_sums_du_over_chunks_inside_blas(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
     calls = []
     accumulate = parallel.matmul_accumulate
-    monkeypatch.setattr(parallel, "matmul_accumulate", lambda a, b, out: calls.append(out.shape) or accumulate(a, b, out))
+    monkeypatch.setattr(parallel, "matmul_accumulate",
+                        lambda a, b, out: calls.append(out.shape) or accumulate(a, b, out))
     x, w, g = operands(4, 4, 4, 2, 3)
     _, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
     _, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
