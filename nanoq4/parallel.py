@@ -20,12 +20,6 @@ So BLAS is held to one thread (`blas_limit`) while the workers run, and each wor
 Numba thread count to 1. Where the BLAS thread count cannot be changed, or Numba's threading layer
 does not accept kernel launches from several threads, the chunks run one after another on the
 calling thread, with parallel kernels and multi-threaded BLAS.
-
-Accumulating GEMM. A sum of products over chunks (Winograd's dU) wants C += A @ B, which GEMM
-does in one pass with beta = 1; np.matmul can only overwrite its output, so it would need a
-scratch product and a second pass over it. `matmul_accumulate` calls the same OpenBLAS's CBLAS
-GEMM through ctypes (which releases the GIL, so the worker threads run it side by side), and
-falls back to np.matmul plus an addition elsewhere.
 """
 import collections
 import concurrent.futures
@@ -176,70 +170,3 @@ def run_on_threads(chunks, threads, worker, name="worker"):
         futures = [_executors[key].submit(worker, take()) for _ in range(threads)]
         concurrent.futures.wait(futures)
     return [f.result() for f in futures]
-
-
-# ----------------------------------------------------------------------------- accumulating GEMM
-
-# CBLAS GEMMs with 64-bit integer arguments (ILP64), as NumPy's OpenBLAS wheels export them.
-_GEMM_FORMS = [("scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_"), ("cblas_sgemm64_", "cblas_dgemm64_")]
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values
-
-_gemms = None  # {dtype: CBLAS GEMM} once looked up; empty when none was found
-
-
-def _lookup_gemms():
-    global _gemms
-    if _gemms is None:
-        _gemms = {}
-        for path in _mapped_openblas_paths():
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for names in _GEMM_FORMS:
-                functions = [getattr(lib, name, None) for name in names]
-                if None in functions:
-                    continue
-                for function, real in zip(functions, (ctypes.c_float, ctypes.c_double)):
-                    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                    # order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc
-                    function.argtypes = [ctypes.c_int] * 3 + [i64] * 3 + [real, ptr, i64, ptr, i64, real, ptr, i64]
-                    function.restype = None
-                _gemms = {np.dtype(np.float32): functions[0], np.dtype(np.float64): functions[1]}
-                return _gemms
-    return _gemms
-
-
-def _gemm_operand(a):
-    """(CBLAS transpose flag, leading dimension) under which BLAS reads every matrix a[i] of a
-    stack in place: rows contiguous (no transpose) or columns contiguous (the transpose of a
-    row-major matrix); None when neither."""
-    _, rows, cols = a.shape
-    row_stride, col_stride = a.strides[1] // a.itemsize, a.strides[2] // a.itemsize
-    if a.strides[2] == a.itemsize and a.strides[1] % a.itemsize == 0 and row_stride >= max(1, cols):
-        return _NO_TRANS, row_stride
-    if a.strides[1] == a.itemsize and a.strides[2] % a.itemsize == 0 and col_stride >= max(1, rows):
-        return _TRANS, col_stride
-    return None
-
-
-def matmul_accumulate(a, b, out):
-    """out[i] += a[i] @ b[i] for stacks a (S, M, K), b (S, K, N), out (S, M, N), in BLAS with
-    beta = 1 when the dtype, the layouts and the library allow it; else out += np.matmul(a, b)."""
-    if (a.ndim != 3 or b.ndim != 3 or b.shape[:2] != (a.shape[0], a.shape[2])
-            or out.shape != (a.shape[0], a.shape[1], b.shape[2])):
-        raise ValueError(f"matmul_accumulate: shapes {a.shape} @ {b.shape} do not match out {out.shape}")
-    gemm = _lookup_gemms().get(out.dtype)
-    a_layout, b_layout, out_layout = _gemm_operand(a), _gemm_operand(b), _gemm_operand(out)
-    if (gemm is None or a.dtype != out.dtype or b.dtype != out.dtype or None in (a_layout, b_layout, out_layout)
-            or out_layout[0] != _NO_TRANS or 0 in a.shape + b.shape):
-        out += np.matmul(a, b)
-        return out
-    stack, m, k = a.shape
-    n = b.shape[2]
-    for i in range(stack):
-        gemm(_ROW_MAJOR, a_layout[0], b_layout[0], m, n, k,
-             1.0, a.ctypes.data + i * a.strides[0], a_layout[1],
-             b.ctypes.data + i * b.strides[0], b_layout[1],
-             1.0, out.ctypes.data + i * out.strides[0], out_layout[1])
-    return out

@@ -28,10 +28,15 @@ Layouts (NHWC activations, (Cout, 3, 3, Cin) weights, as in nanoq4.ops):
          zero padding) and produces output rows 4ti .. 4ti+3 and columns 4tj .. 4tj+3. Any H, W
          work: reads beyond the image are zeros, writes beyond it are dropped.
   V = B^T d B   (36, T, Cin)    transformed input, k = 6 * row + column of the 6x6 window
-  U = G g G^T   (36, Cout, Cin) transformed weights (Cin fastest, as in w)
-  M = V @ U^T   (36, T, Cout)   36 independent GEMMs on contiguous 2-D matrices (U[k]^T is
-                                a transposed view, which BLAS reads in place)
+  U = G g G^T   (36, Cout, Cin) transformed weights
+  M = V @ U^T   (36, T, Cout)   36 independent GEMMs, one per position k
   y = A^T M A   (N, H, W, Cout)
+V, U and M are (36, rows, C) views of arrays stored with the position in the middle, (T, 36, C)
+and (Cout, 36, Cin): each V[k] is a (T, C) matrix with row stride 36 * C and unit column stride,
+which BLAS reads (and, for M, writes) in place, and a transform kernel writes one tile's 36 * C
+values as one contiguous run. Stored position-major, (36, T, C), the 36 streams of a tile lie
+4 * T * C bytes apart, alias in the L1 cache, and the input transform ran 2.5-5x slower at
+VGG4bit's shapes.
 
 Backward is the adjoint of each step, in reverse: dM = A dY A^T, then dU = dM^T @ V and
 dV = dM @ U (36 GEMMs each), dw = G^T dU G and dx = the sum of B dV B^T over the overlapping
@@ -48,17 +53,21 @@ The batch runs in chunks of images whose V and M take ~CHUNK_BYTES (and hold at 
 MIN_CHUNK_TILES tiles, so the GEMMs have enough rows), so the transforms and the GEMMs hand each
 other cache-resident data and memory stays flat at any batch size. The chunks run on worker
 threads, one per core, as parallel.py schedules them (that module explains why, and holds BLAS to
-one thread meanwhile). Each worker sums dU over its chunks inside BLAS (parallel.matmul_accumulate,
-beta = 1), with no partial product to add afterwards.
+one thread meanwhile). Each worker adds each chunk's dU into its own sum; backward's chunks hold at
+least twice the bytes of that (36, Cout, Cin) partial, so the sums stay a small share of the work.
 
 Transform kernels loop over tiles (`prange`: parallel when called from the main thread, serial
-in a worker) with the channel loop innermost, contiguous in both NHWC and the (36, T, C)
-layouts. `prange` matters even serially: Numba compiles a parfor body with its arrays marked
-non-aliasing, which is what lets LLVM vectorize a loop with 36 input and 36 output streams (a
-plain @njit version runs several times slower). Window positions outside the image are read from
-a clamped in-bounds index and multiplied by a 0/1 mask, which keeps the inner loop free of
-branches. Every kernel has a plain-NumPy `*_reference` twin that spells the same transform with
-the explicit matrices B^T, G, A^T below.
+in a worker) with a loop over the channels innermost, which LLVM vectorizes. The two kernels that
+write V or dM (36 values per tile and channel, from a 6x6 or 4x4 window of NHWC) run each 2-D
+transform as two 1-D passes through a small per-tile scratch, first the window's columns, then
+its 6 rows, each pass reading and writing 6 values per channel: written as one loop body with all
+36 stores, LLVM left them scalar and they ran 3-5x slower. The output transform and the input
+transform's adjoint vectorize as one body. `prange` matters even serially: Numba compiles a parfor body
+with its arrays marked non-aliasing, which is what lets LLVM vectorize (a plain @njit version runs
+several times slower). Window positions outside the image are read from a clamped in-bounds
+index and multiplied by a 0/1 mask, which keeps the inner loops free of branches. Every kernel
+has a plain-NumPy `*_reference` twin that spells the same transform with the explicit matrices
+B^T, G, A^T below.
 """
 import numpy as np
 from numba import njit, prange
@@ -196,33 +205,38 @@ def _block_mask(start, size, one):
 
 
 @njit(inline="always")
-def _column(a, b, rows, row_mask, col, col_mask, ch):
-    """One column of a 6x6 input window, rows and column clamped, padding read as 0."""
-    return (a[b, rows[0], col, ch] * (row_mask[0] * col_mask), a[b, rows[1], col, ch] * (row_mask[1] * col_mask),
-            a[b, rows[2], col, ch] * (row_mask[2] * col_mask), a[b, rows[3], col, ch] * (row_mask[3] * col_mask),
-            a[b, rows[4], col, ch] * (row_mask[4] * col_mask), a[b, rows[5], col, ch] * (row_mask[5] * col_mask))
-
-
-@njit(inline="always")
-def _block_column(a, b, rows, row_mask, col, col_mask, ch):
-    """One column of a 4x4 output block, rows and column clamped, values beyond the image read as 0."""
-    return (a[b, rows[0], col, ch] * (row_mask[0] * col_mask), a[b, rows[1], col, ch] * (row_mask[1] * col_mask),
-            a[b, rows[2], col, ch] * (row_mask[2] * col_mask), a[b, rows[3], col, ch] * (row_mask[3] * col_mask))
-
-
-@njit(inline="always")
 def _positions(a, first, step, t, ch):
-    """Six transform positions first, first + step, ... of one tile and channel: step 6 walks a
-    column of the 6x6 window (k = 6 * row + column), step 1 a row."""
-    return (a[first, t, ch], a[first + step, t, ch], a[first + 2 * step, t, ch],
-            a[first + 3 * step, t, ch], a[first + 4 * step, t, ch], a[first + 5 * step, t, ch])
+    """Six transform positions first, first + step, ... of one tile (or output channel) and
+    channel of a (T, 36, C) storage array: step 6 walks a column of the 6x6 window
+    (k = 6 * row + column), step 1 a row."""
+    return (a[t, first, ch], a[t, first + step, ch], a[t, first + 2 * step, ch],
+            a[t, first + 3 * step, ch], a[t, first + 4 * step, ch], a[t, first + 5 * step, ch])
 
 
 @njit(inline="always")
 def _store_row(a, row, t, ch, values):
-    """Six values into positions 6 * row .. 6 * row + 5 of a (36, T, C) (or (36, Cout, Cin)) array."""
+    """Six values into positions 6 * row .. 6 * row + 5 of a (T, 36, C) (or (Cout, 36, Cin))
+    storage array: for one tile they are 6 consecutive runs of C values."""
     k = 6 * row
-    a[k, t, ch], a[k + 1, t, ch], a[k + 2, t, ch], a[k + 3, t, ch], a[k + 4, t, ch], a[k + 5, t, ch] = values
+    a[t, k, ch], a[t, k + 1, ch], a[t, k + 2, ch], a[t, k + 3, ch], a[t, k + 4, ch], a[t, k + 5, ch] = values
+
+
+@njit(inline="always")
+def _store_column(a, j, ch, values):
+    """Six values into rows 0 .. 5 of column j of a per-tile scratch (6, columns, C)."""
+    a[0, j, ch], a[1, j, ch], a[2, j, ch], a[3, j, ch], a[4, j, ch], a[5, j, ch] = values
+
+
+@njit(inline="always")
+def _row6(a, i, ch):
+    """Row i of a per-tile scratch (6, 6, C) at one channel."""
+    return a[i, 0, ch], a[i, 1, ch], a[i, 2, ch], a[i, 3, ch], a[i, 4, ch], a[i, 5, ch]
+
+
+@njit(inline="always")
+def _row4(a, i, ch):
+    """Row i of a per-tile scratch (6, 4, C) at one channel."""
+    return a[i, 0, ch], a[i, 1, ch], a[i, 2, ch], a[i, 3, ch]
 
 
 @njit(inline="always")
@@ -238,6 +252,35 @@ def _store_block(a, b, rows, cols, ch, b0, b1, b2, b3):
     a[b, r0, c3, ch], a[b, r0, c2, ch], a[b, r0, c1, ch], a[b, r0, c0, ch] = b0[3], b0[2], b0[1], b0[0]
 
 
+# ----------------------------------------------------------------------------- storage
+# Every transformed array is stored with the 36 positions in the middle, (T, 36, C) for V, M and
+# (Cout, 36, Cin) for U, and handed around as its (36, T, C) view: each [k] of the view is a
+# (T, C) matrix with row stride 36 * C, which BLAS reads and writes in place. The transform
+# kernels then write (or read) one tile's 36 * C values as one contiguous run; with the positions
+# outermost they were 36 streams 4 * T * C bytes apart, which alias in the L1 cache and ran the
+# input transform 2.5-5x slower at VGG4bit's shapes.
+
+def _position_major(storage):
+    """The (36, rows, C) view of a (rows, 36, C) storage array."""
+    return storage.transpose(1, 0, 2)
+
+
+def _storage(a, out=False):
+    """The (rows, 36, C) storage behind a (36, rows, C) view. An array stored otherwise is copied
+    into that layout when it is read (`out` False) and refused when a kernel is to write it."""
+    storage = a.transpose(1, 0, 2)
+    if storage.flags.c_contiguous:
+        return storage
+    if out:
+        raise ValueError("winograd: `out` must be a (36, T, C) view of (T, 36, C) storage, "
+                         "as _buffer and the transforms make")
+    return np.ascontiguousarray(storage)
+
+
+def _position_major_empty(rows, channels, dtype):
+    return _position_major(np.empty((rows, POSITIONS, channels), dtype=dtype))
+
+
 # ----------------------------------------------------------------------------- input transform
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -248,31 +291,30 @@ def _input_transform_kernel(x, one, v):
     four, five = two + two, two + two + one
     for t in prange(n * th * tw):
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
-        rows, row_mask = _window_index(4 * ti - 1, h), _window_mask(4 * ti - 1, h, one)
+        r0, r1, r2, r3, r4, r5 = _window_index(4 * ti - 1, h)
+        m0, m1, m2, m3, m4, m5 = _window_mask(4 * ti - 1, h, one)
         cols, col_mask = _window_index(4 * tj - 1, w), _window_mask(4 * tj - 1, w, one)
-        for ch in range(c):
-            # B^T d: transform the 6 rows of each window column ...
-            p0 = _bt6(_column(x, b, rows, row_mask, cols[0], col_mask[0], ch), two, four, five)
-            p1 = _bt6(_column(x, b, rows, row_mask, cols[1], col_mask[1], ch), two, four, five)
-            p2 = _bt6(_column(x, b, rows, row_mask, cols[2], col_mask[2], ch), two, four, five)
-            p3 = _bt6(_column(x, b, rows, row_mask, cols[3], col_mask[3], ch), two, four, five)
-            p4 = _bt6(_column(x, b, rows, row_mask, cols[4], col_mask[4], ch), two, four, five)
-            p5 = _bt6(_column(x, b, rows, row_mask, cols[5], col_mask[5], ch), two, four, five)
+        half = np.empty((WINDOW, WINDOW, c), dtype=v.dtype)  # B^T d: [row k, window column, channel]
+        for j in range(WINDOW):
+            col, mc = cols[j], col_mask[j]
+            # B^T d: transform the 6 rows of window column j (padding read as 0) ...
+            for ch in range(c):
+                _store_column(half, j, ch, _bt6((x[b, r0, col, ch] * (m0 * mc), x[b, r1, col, ch] * (m1 * mc),
+                                                 x[b, r2, col, ch] * (m2 * mc), x[b, r3, col, ch] * (m3 * mc),
+                                                 x[b, r4, col, ch] * (m4 * mc), x[b, r5, col, ch] * (m5 * mc)),
+                                                two, four, five))
+        for i in range(WINDOW):
             # ... then (B^T d) B: transform the 6 columns of each row
-            _store_row(v, 0, t, ch, _bt6((p0[0], p1[0], p2[0], p3[0], p4[0], p5[0]), two, four, five))
-            _store_row(v, 1, t, ch, _bt6((p0[1], p1[1], p2[1], p3[1], p4[1], p5[1]), two, four, five))
-            _store_row(v, 2, t, ch, _bt6((p0[2], p1[2], p2[2], p3[2], p4[2], p5[2]), two, four, five))
-            _store_row(v, 3, t, ch, _bt6((p0[3], p1[3], p2[3], p3[3], p4[3], p5[3]), two, four, five))
-            _store_row(v, 4, t, ch, _bt6((p0[4], p1[4], p2[4], p3[4], p4[4], p5[4]), two, four, five))
-            _store_row(v, 5, t, ch, _bt6((p0[5], p1[5], p2[5], p3[5], p4[5], p5[5]), two, four, five))
+            for ch in range(c):
+                _store_row(v, i, t, ch, _bt6(_row6(half, i, ch), two, four, five))
 
 
 def input_transform(x, out=None):
     """V = B^T d B of every 6x6 input window: (N, H, W, C) -> (36, T, C), padding 1 built in."""
     n, h, w, c = x.shape
     th, tw = tile_grid(h, w)
-    v = np.empty((POSITIONS, n * th * tw, c), dtype=x.dtype) if out is None else out
-    _input_transform_kernel(np.ascontiguousarray(x), x.dtype.type(1), v)
+    v = _position_major_empty(n * th * tw, c, x.dtype) if out is None else out
+    _input_transform_kernel(np.ascontiguousarray(x), x.dtype.type(1), _storage(v, out=True))
     return v
 
 
@@ -316,15 +358,15 @@ def _input_transform_adjoint_kernel(dv, one, dx):
             # k = 30 + column) and below (their first row, k = column): rows 4ti .. 4ti+3 of this
             # tile's 6 columns, of the left tile's last column and of the right tile's first
             # column (the only columns of those tiles that reach this 4x4 block) ...
-            p0 = _b6_overlap_add(_positions(dv, 0, 6, t, ch), dv[30, tu, ch], dv[0, td, ch], mu, md, two, four, five)
-            p1 = _b6_overlap_add(_positions(dv, 1, 6, t, ch), dv[31, tu, ch], dv[1, td, ch], mu, md, two, four, five)
-            p2 = _b6_overlap_add(_positions(dv, 2, 6, t, ch), dv[32, tu, ch], dv[2, td, ch], mu, md, two, four, five)
-            p3 = _b6_overlap_add(_positions(dv, 3, 6, t, ch), dv[33, tu, ch], dv[3, td, ch], mu, md, two, four, five)
-            p4 = _b6_overlap_add(_positions(dv, 4, 6, t, ch), dv[34, tu, ch], dv[4, td, ch], mu, md, two, four, five)
-            p5 = _b6_overlap_add(_positions(dv, 5, 6, t, ch), dv[35, tu, ch], dv[5, td, ch], mu, md, two, four, five)
-            p_left = _b6_overlap_add(_positions(dv, 5, 6, tl, ch), dv[35, tul, ch], dv[5, tdl, ch],
+            p0 = _b6_overlap_add(_positions(dv, 0, 6, t, ch), dv[tu, 30, ch], dv[td, 0, ch], mu, md, two, four, five)
+            p1 = _b6_overlap_add(_positions(dv, 1, 6, t, ch), dv[tu, 31, ch], dv[td, 1, ch], mu, md, two, four, five)
+            p2 = _b6_overlap_add(_positions(dv, 2, 6, t, ch), dv[tu, 32, ch], dv[td, 2, ch], mu, md, two, four, five)
+            p3 = _b6_overlap_add(_positions(dv, 3, 6, t, ch), dv[tu, 33, ch], dv[td, 3, ch], mu, md, two, four, five)
+            p4 = _b6_overlap_add(_positions(dv, 4, 6, t, ch), dv[tu, 34, ch], dv[td, 4, ch], mu, md, two, four, five)
+            p5 = _b6_overlap_add(_positions(dv, 5, 6, t, ch), dv[tu, 35, ch], dv[td, 5, ch], mu, md, two, four, five)
+            p_left = _b6_overlap_add(_positions(dv, 5, 6, tl, ch), dv[tul, 35, ch], dv[tdl, 5, ch],
                                      mu, md, two, four, five)
-            p_right = _b6_overlap_add(_positions(dv, 0, 6, tr, ch), dv[30, tur, ch], dv[0, tdr, ch],
+            p_right = _b6_overlap_add(_positions(dv, 0, 6, tr, ch), dv[tur, 30, ch], dv[tdr, 0, ch],
                                       mu, md, two, four, five)
             # ... then the same along each of the 4 rows
             _store_block(dx, b, rows, cols, ch,
@@ -342,7 +384,7 @@ def input_transform_adjoint(dv, x_shape, out=None):
     """dx = sum over tiles of B dV B^T added into each tile's 6x6 input window, the padding
     dropped: (36, T, C) -> x_shape (N, H, W, C). Writes every element of `out` when given."""
     dx = np.empty(x_shape, dtype=dv.dtype) if out is None else out
-    _input_transform_adjoint_kernel(dv, dv.dtype.type(1), dx)
+    _input_transform_adjoint_kernel(_storage(dv), dv.dtype.type(1), dx)
     return dx
 
 
@@ -385,8 +427,8 @@ def weight_transform(w):
     fastest axis, as in w, so this is a streaming pass; the forward GEMM for position k reads
     U[k] transposed, V[k] (T, Cin) @ U[k].T (Cin, Cout), which BLAS does without a copy."""
     cout, _, _, cin = w.shape
-    u = np.empty((POSITIONS, cout, cin), dtype=w.dtype)
-    _weight_transform_kernel(np.ascontiguousarray(w), u)
+    u = _position_major_empty(cout, cin, w.dtype)
+    _weight_transform_kernel(np.ascontiguousarray(w), _storage(u, out=True))
     return u
 
 
@@ -417,7 +459,7 @@ def weight_transform_adjoint(du):
     """dw = G^T dU G: (36, Cout, Cin) -> (Cout, 3, 3, Cin), the adjoint of weight_transform."""
     _, cout, cin = du.shape
     dw = np.empty((cout, 3, 3, cin), dtype=du.dtype)
-    _weight_transform_adjoint_kernel(np.ascontiguousarray(du), dw)
+    _weight_transform_adjoint_kernel(_storage(du), dw)
     return dw
 
 
@@ -457,7 +499,7 @@ def _output_transform_kernel(m, one, y):
 
 def output_transform(m, out):
     """Y = A^T M A of every tile into the NHWC array `out` (N, H, W, Cout); M is (36, T, Cout)."""
-    _output_transform_kernel(m, m.dtype.type(1), out)
+    _output_transform_kernel(_storage(m), m.dtype.type(1), out)
     return out
 
 
@@ -478,29 +520,29 @@ def _output_transform_adjoint_kernel(g, one, dm):
     eight = four + four
     for t in prange(n * th * tw):
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
-        rows, row_mask = _block_index(4 * ti, h), _block_mask(4 * ti, h, one)  # outputs cropped
-        cols, col_mask = _block_index(4 * tj, w), _block_mask(4 * tj, w, one)  # away: zero gradient
-        for ch in range(c):
-            # A g: each column of the 4x4 gradient block becomes 6 rows ...
-            p0 = _a6(_block_column(g, b, rows, row_mask, cols[0], col_mask[0], ch), two, four, eight)
-            p1 = _a6(_block_column(g, b, rows, row_mask, cols[1], col_mask[1], ch), two, four, eight)
-            p2 = _a6(_block_column(g, b, rows, row_mask, cols[2], col_mask[2], ch), two, four, eight)
-            p3 = _a6(_block_column(g, b, rows, row_mask, cols[3], col_mask[3], ch), two, four, eight)
+        r0, r1, r2, r3 = _block_index(4 * ti, h)  # outputs cropped away: zero gradient
+        m0, m1, m2, m3 = _block_mask(4 * ti, h, one)
+        cols, col_mask = _block_index(4 * tj, w), _block_mask(4 * tj, w, one)
+        half = np.empty((WINDOW, TILE, c), dtype=dm.dtype)  # A g: [row k, block column, channel]
+        for j in range(TILE):
+            col, mc = cols[j], col_mask[j]
+            # A g: column j of the 4x4 gradient block becomes 6 rows ...
+            for ch in range(c):
+                _store_column(half, j, ch, _a6((g[b, r0, col, ch] * (m0 * mc), g[b, r1, col, ch] * (m1 * mc),
+                                                g[b, r2, col, ch] * (m2 * mc), g[b, r3, col, ch] * (m3 * mc)),
+                                               two, four, eight))
+        for i in range(WINDOW):
             # ... then (A g) A^T row by row
-            _store_row(dm, 0, t, ch, _a6((p0[0], p1[0], p2[0], p3[0]), two, four, eight))
-            _store_row(dm, 1, t, ch, _a6((p0[1], p1[1], p2[1], p3[1]), two, four, eight))
-            _store_row(dm, 2, t, ch, _a6((p0[2], p1[2], p2[2], p3[2]), two, four, eight))
-            _store_row(dm, 3, t, ch, _a6((p0[3], p1[3], p2[3], p3[3]), two, four, eight))
-            _store_row(dm, 4, t, ch, _a6((p0[4], p1[4], p2[4], p3[4]), two, four, eight))
-            _store_row(dm, 5, t, ch, _a6((p0[5], p1[5], p2[5], p3[5]), two, four, eight))
+            for ch in range(c):
+                _store_row(dm, i, t, ch, _a6(_row4(half, i, ch), two, four, eight))
 
 
 def output_transform_adjoint(g, out=None):
     """dM = A dY A^T of every 4x4 gradient block: (N, H, W, Cout) -> (36, T, Cout)."""
     n, h, w, c = g.shape
     th, tw = tile_grid(h, w)
-    dm = np.empty((POSITIONS, n * th * tw, c), dtype=g.dtype) if out is None else out
-    _output_transform_adjoint_kernel(np.ascontiguousarray(g), g.dtype.type(1), dm)
+    dm = _position_major_empty(n * th * tw, c, g.dtype) if out is None else out
+    _output_transform_adjoint_kernel(np.ascontiguousarray(g), g.dtype.type(1), _storage(dm, out=True))
     return dm
 
 
@@ -543,9 +585,10 @@ def _chunks(n, h, w, channels, itemsize, chunk_bytes, threads):
 
 
 def _buffer(flat, tiles, channels):
-    """A C-contiguous (36, tiles, channels) view of the front of a flat scratch buffer, so every
-    V[k] / M[k] handed to BLAS is one contiguous 2-D matrix (no copy inside np.matmul)."""
-    return flat[:POSITIONS * tiles * channels].reshape(POSITIONS, tiles, channels)
+    """A (36, tiles, channels) view of (tiles, 36, channels) storage at the front of a flat
+    scratch buffer: every V[k] / M[k] handed to BLAS is a 2-D matrix with unit column stride,
+    which np.matmul passes to BLAS without a copy."""
+    return _position_major(flat[:POSITIONS * tiles * channels].reshape(tiles, POSITIONS, channels))
 
 
 def conv3x3_forward(x, w, keep_for_backward=True, chunk_bytes=CHUNK_BYTES):
@@ -600,23 +643,26 @@ def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_
                          f"and {cout} output channels")
     dtype = _float_dtype(grad_y, u)
     grad_y = np.ascontiguousarray(grad_y, dtype=dtype)
-    x, u = np.ascontiguousarray(x, dtype=dtype), np.ascontiguousarray(u, dtype=dtype)
+    x, u = np.ascontiguousarray(x, dtype=dtype), _position_major(_storage(u).astype(dtype, copy=False))
     dx = np.empty(x.shape, dtype=dtype) if need_x else None
     threads = parallel.worker_threads()
+    # Each chunk adds a (36, Cout, Cin) partial dU into its thread's sum: keep chunks at least
+    # twice that size, or the sums cost more memory traffic than the chunk (8x8, 256 channels).
+    chunk_bytes = max(chunk_bytes, 2 * POSITIONS * cin * cout * grad_y.itemsize) if need_w else chunk_bytes
     chunks = _chunks(n, h, wd, cin + cout, grad_y.itemsize, chunk_bytes, threads)
     max_tiles = max(tiles for _, _, tiles in chunks)
 
     def worker(my_chunks):
         v_flat = np.empty(POSITIONS * max_tiles * cin, dtype=dtype)  # V, then dV
         m_flat = np.empty(POSITIONS * max_tiles * cout, dtype=dtype)
-        du = np.zeros((POSITIONS, cout, cin), dtype=dtype) if need_w else None
+        du = _position_major(np.zeros((cout, POSITIONS, cin), dtype=dtype)) if need_w else None
+        partial_du = np.empty((POSITIONS, cout, cin), dtype=dtype) if need_w else None
         for s, e, tiles in my_chunks:
             dm = output_transform_adjoint(grad_y[s:e], out=_buffer(m_flat, tiles, cout))
             if need_w:
                 v = input_transform(x[s:e], out=_buffer(v_flat, tiles, cin))
-                # 36 GEMMs (Cout, tiles) @ (tiles, Cin) added into du; dM[k]^T is a transposed
-                # view BLAS reads as is
-                parallel.matmul_accumulate(dm.transpose(0, 2, 1), v, du)
+                # 36 GEMMs (Cout, tiles) @ (tiles, Cin); dM[k]^T is a transposed view BLAS reads as is
+                du += np.matmul(dm.transpose(0, 2, 1), v, out=partial_du)
             if need_x:
                 dv = np.matmul(dm, u, out=_buffer(v_flat, tiles, cin))  # (tiles, Cout) @ (Cout, Cin)
                 input_transform_adjoint(dv, dx[s:e].shape, out=dx[s:e])

@@ -271,19 +271,28 @@ def test_backward_reuses_the_transformed_weights_of_forward(monkeypatch):
     assert_close_to_scale(dw, dw_ref, np.float64, "dw")
 
 
-def test_backward_sums_du_over_chunks_inside_blas(monkeypatch):
-    """Every chunk adds its dM^T @ V into its worker's dU with parallel.matmul_accumulate, which
-    adds inside the GEMM (beta = 1) where BLAS allows, with no partial product to add after."""
+def test_backward_chunks_hold_twice_the_partial_du(monkeypatch):
+    """Every chunk's partial dU (36, Cout, Cin) is added into its worker's sum, so when dw is
+    needed backward's chunks hold at least twice those bytes (the sums stay a small share of the
+    memory traffic); for dx alone the chunks stay as small as asked."""
     monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
-    calls = []
-    accumulate = parallel.matmul_accumulate
-    monkeypatch.setattr(parallel, "matmul_accumulate",
-                        lambda a, b, out: calls.append(out.shape) or accumulate(a, b, out))
-    x, w, g = operands(4, 4, 4, 2, 3)
+    seen = []
+    run = parallel.run_on_threads
+    monkeypatch.setattr(parallel, "run_on_threads",
+                        lambda chunks, threads, worker, name="worker": seen.append(chunks) or
+                        run(chunks, threads, worker, name))
+    n, cin, cout = 64, 16, 16
+    x, w, g = operands(n, 4, 4, cin, cout)  # one tile per image
     _, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
+    image_bytes, partial_bytes = P * (cin + cout) * 8, P * cout * cin * 8
+    seen.clear()
     _, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
-    assert calls == [(P, 3, 2)] * 4, "one accumulation per one-image chunk, into a (36, Cout, Cin) dU"
+    (chunks,) = seen
+    assert len(chunks) > 1 and all((e - s) * image_bytes >= 2 * partial_bytes for s, e, _ in chunks[:-1])
     assert_close_to_scale(dw, winograd.conv3x3_backward_reference(g, x, w)[1], np.float64, "dw")
+    seen.clear()
+    winograd.conv3x3_backward(g, saved, need_w=False, chunk_bytes=1)
+    assert [e - s for s, e, _ in seen[0]] == [1] * n
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, P * 1 * 3 * 8 * 2, 1 << 30],
@@ -370,13 +379,29 @@ def test_float32_stays_float32():
     assert (y.dtype, dx.dtype, dw.dtype) == (np.float32,) * 3
 
 
-def test_gemm_operands_are_contiguous_matrices():
-    """np.matmul copies a stacked operand whose 2-D slices BLAS cannot read in place; the
-    scratch views are C-contiguous (36, T, C), V^T and U^T are their exact transposes."""
-    v = winograd._buffer(np.empty(P * 10 * 3 + 7), 10, 3)
-    assert v.flags.c_contiguous and v.shape == (P, 10, 3)
-    assert all(v[k].flags.c_contiguous and v[k].transpose().flags.f_contiguous for k in range(P))
-    assert winograd.input_transform(random((2, 3, 4, 3), np.float32)).flags.c_contiguous
+def test_gemm_operands_are_matrices_blas_reads_in_place():
+    """np.matmul copies a stacked operand whose 2-D slices BLAS cannot read in place: the scratch
+    views are (36, T, C) views of (T, 36, C) storage, so every V[k] has unit column stride and
+    row stride 36 * C, and V[k]^T is its exact transpose; the transforms return the same views."""
+    flat = np.empty(P * 10 * 3 + 7)
+    v = winograd._buffer(flat, 10, 3)
+    assert v.shape == (P, 10, 3) and v.transpose(1, 0, 2).flags.c_contiguous
+    assert np.shares_memory(v, flat) and v.transpose(1, 0, 2).base is not None
+    assert all(v[k].strides == (P * 3 * 8, 8) and v[k].transpose().strides == (8, P * 3 * 8) for k in range(P))
+    for made in (winograd.input_transform(random((2, 3, 4, 3), np.float32)),
+                 winograd.output_transform_adjoint(random((2, 3, 4, 3), np.float32)),
+                 winograd.weight_transform(random((2, 3, 3, 3), np.float32))):
+        assert made.transpose(1, 0, 2).flags.c_contiguous
+
+
+def test_transforms_refuse_an_out_they_cannot_write_in_place():
+    """A kernel writes (T, 36, C) storage; a plain (36, T, C) array as `out` would come back
+    silently unwritten if it were copied, so it is refused."""
+    x = random((1, 8, 4, 3), np.float32)  # 2 tiles
+    with pytest.raises(ValueError, match="out"):
+        winograd.input_transform(x, out=np.empty((P, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="out"):
+        winograd.output_transform_adjoint(x, out=np.empty((P, 2, 3), np.float32))
 
 
 def test_invalid_arguments_are_refused():
