@@ -7,7 +7,7 @@
 Reading order: tensor -> ops -> kernels -> winograd -> quant -> nn -> optim -> data -> models -> train -> export
   tensor    Tensor, Function (forward/backward/apply), the iterative backward, no_grad
   ops       the differentiable ops; Conv2d dispatches to im2col + GEMM or Winograd
-  kernels   Numba kernels, each with a plain-NumPy twin; winograd: F(2x2,3x3) transforms
+  kernels   Numba kernels, each with a plain-NumPy twin; winograd: F(4x4,3x3) transforms
   quant     the 4-bit grid: fake_quantize (the definition) and its fast twin, tanh clip, packing
   nn        Module, layers, QConv2d/QLinear with the straight-through estimator
   optim     SGD, AdamW, gradient clipping, the tanh-clip hook, schedules
