@@ -253,12 +253,8 @@ def _store_block(a, b, rows, cols, ch, b0, b1, b2, b3):
 
 
 # ----------------------------------------------------------------------------- storage
-# Every transformed array is stored with the 36 positions in the middle, (T, 36, C) for V, M and
-# (Cout, 36, Cin) for U, and handed around as its (36, T, C) view: each [k] of the view is a
-# (T, C) matrix with row stride 36 * C, which BLAS reads and writes in place. The transform
-# kernels then write (or read) one tile's 36 * C values as one contiguous run; with the positions
-# outermost they were 36 streams 4 * T * C bytes apart, which alias in the L1 cache and ran the
-# input transform 2.5-5x slower at VGG4bit's shapes.
+# Transformed arrays are stored (rows, 36, C) and handed around as (36, rows, C) views (the
+# module docstring says why).
 
 def _position_major(storage):
     """The (36, rows, C) view of a (rows, 36, C) storage array."""
@@ -627,9 +623,9 @@ def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_
     dw (Cout, 3, 3, Cin)), each None when not needed. `saved` = (x, U), what conv3x3_forward
     returned with keep_for_backward=True.
 
-    Per chunk of images: dM = A dY A^T once, then dU += dM^T @ V (V recomputed from x, the sum
-    taken inside BLAS) and dV = dM @ U, summed back into dx by the adjoint input transform. Each
-    worker thread accumulates its own dU; dw = G^T (sum of those) G at the end.
+    Per chunk of images: dM = A dY A^T once, then dU += dM^T @ V (V recomputed from x) and
+    dV = dM @ U, summed back into dx by the adjoint input transform. Each worker thread
+    accumulates its own dU; dw = G^T (sum of those) G at the end.
     """
     if not (need_x or need_w):
         return None, None
