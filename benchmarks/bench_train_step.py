@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_data
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 import nanoq4  # noqa: E402
-from nanoq4 import cli, export, models, nn, ops, optim, profile  # noqa: E402
+from nanoq4 import cli, export, memory, models, nn, ops, optim, profile  # noqa: E402
 from nanoq4.tensor import Tensor, no_grad  # noqa: E402
 
 # (H=W, Cin, Cout) of the six 3x3 convolutions, then the two linear layers (in, out)
@@ -253,7 +253,7 @@ def bench_startup(batch, dataset):
 
 def conv_layer_table(batch, repeats=3):
     """Forward and backward of each VGG4bit convolution alone, with the route conv2d takes
-    (im2col + GEMM, or Winograd F(2x2, 3x3)) and that layer's im2col-equivalent GFLOP/s."""
+    (im2col + GEMM, or Winograd F(4x4, 3x3)) and that layer's im2col-equivalent GFLOP/s."""
     rng = np.random.default_rng(1)
     rows = []
     for i, (h, cin, cout) in enumerate(VGG_CONVS, 1):
@@ -370,6 +370,11 @@ def main(args):
     b = args.batch
     gflop = step_gflop(b)
     print(f"VGG4bit training step, batch {b}: {gflop:.1f} GFLOP")
+    if args.default_malloc:
+        print("malloc: defaults (--default-malloc; the trainer keeps freed memory for reuse)")
+    else:
+        print(f"malloc: freed memory kept for reuse, as the trainer does: "
+              f"{'yes' if memory.keep_freed_memory() else 'not available here'}")
     r = bench_nanoq4(b, args.steps, 0 if args.no_shared_cpu else args.shared_steps)
     gemm_s = gemm_seconds(b)  # after training: its large matrices stay out of the training's peak RSS
     print(f"bare NumPy matmul on the same GEMM shapes: {gemm_s:.3f} s ({gflop / gemm_s:.0f} GFLOP/s)")
@@ -389,7 +394,7 @@ def main(args):
     for name, route, f_ms, b_ms, rate in conv_layer_table(b):
         print(f"{name:<24}{route:<13}{f_ms:>8.1f}{b_ms:>8.1f}{rate:>10.0f}")
     print("  * im2col-equivalent FLOPs (9 Cin Cout per output pixel) / measured time; Winograd does"
-          " 2.25x fewer multiplications, so it can exceed the GEMM rate")
+          " 4x fewer multiplications, so it can exceed the GEMM rate")
     print(f"\npeak RSS while training: {r['train_rss']:.0f} MB")
     print(f"page faults per timed step (minor + major): median {np.median(r['faults']):.0f}, "
           f"max {max(r['faults'])} ({LARGE_BUFFER_FAULTS} = one fresh 1 MiB buffer)")
@@ -439,6 +444,8 @@ if __name__ == "__main__":
     p.add_argument("--no-torch", action="store_true", help="no PyTorch comparison")
     p.add_argument("--no-shared-cpu", action="store_true", help="skip the shared-CPU scenario")
     p.add_argument("--no-startup", action="store_true", help="skip the trainer start-up runs")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave malloc's settings alone (the trainer calls nanoq4.memory.keep_freed_memory)")
     p.add_argument("--startup-dataset", default="synthetic", choices=("synthetic", "cifar10"),
                    help="data of the start-up runs (default synthetic; cifar10 reads $NANOQ4_DATA)")
     arguments = p.parse_args()

@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) against conv2d's im2col + GEMM route, at the conv shapes of VGG4bit.
+"""Winograd F(4x4, 3x3) against conv2d's im2col + GEMM route, at the conv shapes of VGG4bit.
 
 For each layer both paths run in the same process, interleaved (A B B A ...) so that load from
 other processes hits both alike; each cell is the median of --repeats timings after a warm-up.
@@ -50,7 +50,7 @@ def bench_layer(batch, size, cin, cout, repeats, rng):
         return winograd.conv3x3_forward(x, w)
 
     def winograd_backward():
-        return winograd.conv3x3_backward(grad, saved, x.shape, w, need_x=need_x)
+        return winograd.conv3x3_backward(grad, saved, need_x=need_x)
 
     t = interleaved_medians({"im2col_fwd": im2col_forward, "wino_fwd": winograd_forward,
                              "im2col_bwd": im2col_backward, "wino_bwd": winograd_backward}, repeats)

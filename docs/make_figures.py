@@ -178,29 +178,29 @@ def _arrow(ax, start, end, label=""):
 
 
 def winograd_tile():
-    """F(2x2, 3x3): one 4x4 input tile and one 3x3 kernel give a 2x2 output tile (per Cin, Cout pair)."""
-    fig, ax = plt.subplots(figsize=(11, 4.6))
-    # the image: 4x4 windows at stride 2 overlap by two rows/columns; each gives a 2x2 output block
-    _matrix(ax, 0.0, 0.6, 6, 6, "padded input: 4x4 windows\nat stride 2, overlapping", "white", cell=0.4,
-            shade=lambda i, j: "lightblue" if i < 4 and j < 4 else None)
-    ax.add_patch(Rectangle((0.8, 0.6), 1.6, 1.6, fill=False, edgecolor="tab:orange", lw=2, ls="--"))
-    d = _matrix(ax, 3.0, 2.1, 4, 4, "d: 4x4 input tile", "lightblue")
-    g = _matrix(ax, 3.25, -0.6, 3, 3, "g: 3x3 kernel (4-bit values)", "navajowhite")
-    v = _matrix(ax, 6.9, 2.1, 4, 4, "V = B$^T$ d B", "lightblue")
-    u = _matrix(ax, 6.9, -0.6, 4, 4, "U = G g G$^T$", "navajowhite")
-    m = _matrix(ax, 10.4, 0.75, 4, 4, "M = U $\\odot$ V\n16 multiplications", "plum")
-    y = _matrix(ax, 14.2, 1.25, 2, 2, "Y = A$^T$ M A\n2x2 output tile", "palegreen")
-    _arrow(ax, (2.5, 2.6), (d[0] - 0.1, d[1] + 1.0))
-    _arrow(ax, (d[2] + 0.1, d[1] + 1.0), (v[0] - 0.1, v[1] + 1.0), "additions only")
-    _arrow(ax, (g[2] + 0.1, g[1] + 0.75), (u[0] - 0.1, u[1] + 1.0), "once per weight")
-    _arrow(ax, (v[2] + 0.1, v[1] + 0.8), (m[0] - 0.1, m[3] - 0.3))
+    """F(4x4, 3x3): one 6x6 input tile and one 3x3 kernel give a 4x4 output tile (per Cin, Cout pair)."""
+    fig, ax = plt.subplots(figsize=(12, 5))
+    # the image: 6x6 windows at stride 4 overlap by two rows/columns; each gives a 4x4 output block
+    _matrix(ax, 0.0, 0.6, 10, 10, "padded input: 6x6 windows\nat stride 4, overlapping", "white", cell=0.3,
+            shade=lambda i, j: "lightblue" if i < 6 and j < 6 else None)
+    ax.add_patch(Rectangle((1.2, 1.8), 1.8, 1.8, fill=False, edgecolor="tab:orange", lw=2, ls="--"))
+    d = _matrix(ax, 3.7, 2.0, 6, 6, "d: 6x6 input tile", "lightblue", cell=0.3)
+    g = _matrix(ax, 4.15, -0.6, 3, 3, "g: 3x3 kernel (4-bit values)", "navajowhite", cell=0.3)
+    v = _matrix(ax, 6.9, 2.0, 6, 6, "V = B$^T$ d B", "lightblue", cell=0.3)
+    u = _matrix(ax, 6.9, -0.9, 6, 6, "U = G g G$^T$", "navajowhite", cell=0.3)
+    m = _matrix(ax, 10.1, 0.55, 6, 6, "M = U $\\odot$ V\n36 multiplications", "plum", cell=0.3)
+    y = _matrix(ax, 13.3, 0.85, 4, 4, "Y = A$^T$ M A\n4x4 output tile", "palegreen", cell=0.3)
+    _arrow(ax, (3.1, 2.9), (d[0] - 0.1, d[1] + 0.9))
+    _arrow(ax, (d[2] + 0.1, d[1] + 0.9), (v[0] - 0.1, v[1] + 0.9), "small integers")
+    _arrow(ax, (g[2] + 0.1, g[1] + 0.45), (u[0] - 0.1, u[1] + 0.9), "once per weight")
+    _arrow(ax, (v[2] + 0.1, v[1] + 0.6), (m[0] - 0.1, m[3] - 0.3))
     _arrow(ax, (u[2] + 0.1, u[1] + 1.2), (m[0] - 0.1, m[1] + 0.3))
-    _arrow(ax, (m[2] + 0.1, m[1] + 1.0), (y[0] - 0.1, y[1] + 0.5), "additions only")
-    ax.text(7.7, -1.35, "Summed over input channels, M[k] = V[k] @ U[k]$^T$ for k = 0..15: 16 GEMMs "
-            "(tiles x Cin) @ (Cin x Cout).\nPer 2x2 output tile and (Cin, Cout) pair: im2col + GEMM "
-            "multiplies 4 x 9 = 36 times, Winograd 16 times (2.25x fewer).",
+    _arrow(ax, (m[2] + 0.1, m[1] + 0.9), (y[0] - 0.1, y[1] + 0.6), "small integers")
+    ax.text(7.3, -1.3, "Summed over input channels, M[k] = V[k] @ U[k]$^T$ for k = 0..35: 36 GEMMs "
+            "(tiles x Cin) @ (Cin x Cout).\nPer 4x4 output tile and (Cin, Cout) pair: im2col + GEMM "
+            "multiplies 16 x 9 = 144 times, Winograd 36 times (4x fewer).",
             ha="center", va="top", fontsize=8)
-    ax.set_xlim(-0.2, 15.6)
+    ax.set_xlim(-0.2, 14.8)
     ax.set_ylim(-2.3, 4.6)
     ax.set_aspect("equal")
     ax.axis("off")

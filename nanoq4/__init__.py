@@ -7,7 +7,7 @@
 Reading order: tensor -> ops -> kernels -> winograd -> quant -> nn -> optim -> data -> models -> train -> export
   tensor    Tensor, Function (forward/backward/apply), the iterative backward, no_grad
   ops       the differentiable ops; Conv2d dispatches to im2col + GEMM or Winograd
-  kernels   Numba kernels, each with a plain-NumPy twin; winograd: F(2x2,3x3) transforms
+  kernels   Numba kernels, each with a plain-NumPy twin; winograd: F(4x4,3x3) transforms
   quant     the 4-bit grid: fake_quantize (the definition) and its fast twin, tanh clip, packing
   nn        Module, layers, QConv2d/QLinear with the straight-through estimator
   optim     SGD, AdamW, gradient clipping, the tanh-clip hook, schedules
@@ -15,8 +15,9 @@ Reading order: tensor -> ops -> kernels -> winograd -> quant -> nn -> optim -> d
   train     TrainConfig (every setting, default and --help text) and the training loop
   export    checkpoints and the .nq4 model file; evaluate, predict, export_onnx use it
 Around them: runlog (the run folder's files and lines), safeguards (what keeps a run from being
-lost), tta (test-time augmentation), parallel (threads), profile (NANOQ4_PROFILE=1), distributed
-(the same training on several MPI ranks), cli (what the command lines share).
+lost), tta (test-time augmentation), parallel (threads), memory (freed memory kept for reuse),
+profile (NANOQ4_PROFILE=1), distributed (the same training on several MPI ranks), cli (what the
+command lines share).
 
 `nanoq4.train` is the trainer's module, as `python -m nanoq4.train` runs it, and calling it trains
 (`nanoq4.train(cfg)` is `nanoq4.train.train(cfg)`); it and TrainConfig are loaded on first use, so

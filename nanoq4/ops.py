@@ -149,7 +149,7 @@ class Linear(Function):
 
 class Conv2d(Function):
     """2-D convolution (N,H,W,Cin) * (Cout,KH,KW,Cin) -> (N,OH,OW,Cout), zero padding, by one of
-    two algorithms with the same result: Winograd F(2x2, 3x3) for wide 3x3 / stride 1 / padding 1
+    two algorithms with the same result: Winograd F(4x4, 3x3) for wide 3x3 / stride 1 / padding 1
     layers (uses_winograd), im2col + GEMM for every other. forward picks one, and backward asks the
     same one for dx and dW; each saves what its own backward needs in ctx. The bias is added here."""
 
@@ -171,14 +171,14 @@ class Conv2d(Function):
 
 
 # 3x3 / stride 1 / padding 1 convolutions with at least this many input channels run as Winograd
-# F(2x2, 3x3) (2.25x fewer multiplications; see winograd.py). Below it the transforms cost more
+# F(4x4, 3x3) (4x fewer multiplications; see winograd.py). Below it the transforms cost more
 # than they save (VGG's 3-channel first layer runs slower as Winograd). NANOQ4_WINOGRAD=0 turns
 # it off, for comparisons.
 WINOGRAD_MIN_CIN = 64 if os.environ.get("NANOQ4_WINOGRAD", "1") != "0" else None
 
 
 def uses_winograd(w_shape, stride, padding):
-    """Whether conv2d with this (Cout, KH, KW, Cin) weight runs as Winograd F(2x2, 3x3)."""
+    """Whether conv2d with this (Cout, KH, KW, Cin) weight runs as Winograd F(4x4, 3x3)."""
     _, kh, kw, cin = w_shape
     return (WINOGRAD_MIN_CIN is not None and kh == kw == 3 and stride == 1 and padding == 1
             and cin >= WINOGRAD_MIN_CIN)
@@ -186,19 +186,20 @@ def uses_winograd(w_shape, stride, padding):
 
 class Winograd3x3:
     """Conv2d's algorithm for 3x3 / stride 1 / padding 1 layers: winograd.py, which computes each
-    2x2 output block from a 4x4 input window with 2.25x fewer multiplications.
-    ctx.saved = (x, w): the input (backward recomputes its transform from it) and the weight."""
+    4x4 output block from a 6x6 input window with 4x fewer multiplications than im2col.
+    ctx.saved = (x, U): the input (backward recomputes its transform V from it, cheaper in memory
+    than keeping V, 2.25x the input) and the transformed weights U (36, Cout, Cin), reused by
+    backward instead of transforming the weight again."""
 
     @staticmethod
     def forward(ctx, x, w, stride, padding):
-        out, saved_x = winograd.conv3x3_forward(x, w)
-        ctx.save_for_backward(saved_x, w)
+        out, saved = winograd.conv3x3_forward(x, w)
+        ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     def backward(ctx, grad, need_x, need_w):
-        x, w = ctx.saved
-        return winograd.conv3x3_backward(grad, x, x.shape, w, need_x=need_x, need_w=need_w)
+        return winograd.conv3x3_backward(grad, ctx.saved, need_x=need_x, need_w=need_w)
 
 
 CONV_CHUNK_BYTES = 128 << 20  # im2col buffer per chunk of images: bounds memory at any batch size

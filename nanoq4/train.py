@@ -36,7 +36,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import cli, data, distributed, export, models, nn, ops, optim, parallel, profile, quant, runlog, safeguards
+from . import cli, data, distributed, export, memory, models, nn, ops, optim, parallel, profile, quant, runlog, safeguards
 from .errors import NanoQ4Error
 from .tensor import Tensor, no_grad
 from .tta import TTA_MODES, predict_logits
@@ -400,6 +400,7 @@ def setup(cfg, given, group):
     cfg, checkpoint, changes = settle_config(cfg, given, group)
     out, replacing = group.on_root(_choose_run_folder, cfg)
     parallel.set_threads(cfg.threads or group.default_threads())
+    memory.keep_freed_memory()  # each step reuses the last one's memory (memory.py says why)
     dataset = group.in_turns(lambda: data.load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
                                                        coarse=cfg.coarse))
     if dataset.num_classes < 2:

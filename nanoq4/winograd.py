@@ -1,112 +1,280 @@
-"""Winograd F(2x2, 3x3) convolution for 3x3 / stride 1 / padding 1 layers (Lavin & Gray, 2015).
+"""Winograd F(4x4, 3x3) convolution for 3x3 / stride 1 / padding 1 layers (Lavin & Gray, 2015).
 
-Why: im2col + GEMM spends 9 * Cin * Cout multiply-adds per output pixel; Winograd computes a
-2x2 block of outputs from a 4x4 input window with 16 elementwise products per (Cin, Cout) pair,
-i.e. 4 * Cin * Cout per pixel (2.25x fewer), at the price of three cheap linear transforms:
+Why: im2col + GEMM spends 9 * Cin * Cout multiply-adds per output pixel. Winograd computes a
+4x4 block of outputs from the 6x6 input window around it with 36 elementwise products per
+(Cin, Cout) pair, i.e. 2.25 * Cin * Cout per pixel (4x fewer than im2col, 1.78x fewer than the
+2x2 blocks of F(2x2, 3x3) with their 4 per pixel), at the price of three cheap linear transforms:
 
     Y = A^T [ (G g G^T) * (B^T d B) ] A        per tile, summed over input channels
 
+The points. F(4x4, 3x3) multiplies two polynomials of degrees 3 and 2 by evaluating them at
+4 + 3 - 1 = 6 points; these are 0, 1, -1, 2, -2 and infinity (the leading coefficient): the
+integers of smallest magnitude, which keep the coefficients small. B^T (6x6) then has entries up
+to 5, G (6x3) the fractions 1/4, 1/6, 1/12, 1/24, and A^T (4x6) the powers of two up to 8 (the
+matrices below).
+
+The float32 trade-off. Those coefficients amplify rounding: each transformed value is a signed sum
+of up to 36 values with weights up to 25 (B) and 64 (A), where F(2x2)'s B and A hold only 0 and
++-1, so the float32 result carries more rounding error than F(2x2) or a direct sum, relative to
+the output's scale. tests/test_winograd.py bounds it against float64 at VGG4bit's shapes; it stays
+orders of magnitude below a 4-bit weight step (1/14 of the weight range). U is computed in
+float64 and rounded once, so the fractions of G add no error of their own. Larger tiles lose
+too many bits in float32 (F(6x6, 3x3) needs 8 points, so +-1/2 and +-3 or worse); F(4x4) is the
+usual compromise.
+
 Layouts (NHWC activations, (Cout, 3, 3, Cin) weights, as in nanoq4.ops):
-  tiles  T = N * ceil(H/2) * ceil(W/2), numbered (image, tile row, tile column) row-major;
-         tile (ti, tj) reads input rows 2ti-1 .. 2ti+2 and columns 2tj-1 .. 2tj+2 (the -1 is the
-         zero padding) and produces output rows 2ti, 2ti+1 and columns 2tj, 2tj+1. Odd H or W
-         are supported: reads beyond the image are zeros, writes beyond it are dropped.
-  V = B^T d B   (16, T, Cin)    transformed input, k = 4 * row + column of the 4x4 tile
-  U = G g G^T   (16, Cout, Cin) transformed weights (Cin fastest, as in w)
-  M = V @ U^T   (16, T, Cout)   16 independent GEMMs on contiguous 2-D matrices (U[k]^T is
-                                a transposed view, which BLAS reads in place)
+  tiles  T = N * ceil(H/4) * ceil(W/4), numbered (image, tile row, tile column) row-major;
+         tile (ti, tj) reads input rows 4ti-1 .. 4ti+4 and columns 4tj-1 .. 4tj+4 (the -1 is the
+         zero padding) and produces output rows 4ti .. 4ti+3 and columns 4tj .. 4tj+3. Any H, W
+         work: reads beyond the image are zeros, writes beyond it are dropped.
+  V = B^T d B   (36, T, Cin)    transformed input, k = 6 * row + column of the 6x6 window
+  U = G g G^T   (36, Cout, Cin) transformed weights
+  M = V @ U^T   (36, T, Cout)   36 independent GEMMs, one per position k
   y = A^T M A   (N, H, W, Cout)
+V, U and M are (36, rows, C) views of arrays stored with the position in the middle, (T, 36, C)
+and (Cout, 36, Cin): each V[k] is a (T, C) matrix with row stride 36 * C and unit column stride,
+which BLAS reads (and, for M, writes) in place, and a transform kernel writes one tile's 36 * C
+values as one contiguous run. Stored position-major, (36, T, C), the 36 streams of a tile lie
+4 * T * C bytes apart, alias in the L1 cache, and the input transform ran 2.5-5x slower at
+VGG4bit's shapes.
 
 Backward is the adjoint of each step, in reverse: dM = A dY A^T, then dU = dM^T @ V and
-dV = dM @ U (16 GEMMs each), dw = G^T dU G and dx = the sum of B dV B^T over the overlapping
-input windows. Computing dx this way shares dM with dw, so backward transforms grad_y once
-(the "flipped-weight forward convolution" route would transform it twice, and ran slower).
+dV = dM @ U (36 GEMMs each), dw = G^T dU G and dx = the sum of B dV B^T over the overlapping
+input windows. Computing dx this way shares dM with dw, so backward transforms grad_y once.
 
-The batch runs in chunks of images whose V and M take ~CHUNK_BYTES, so the transforms and the
-GEMMs hand each other cache-resident data and memory stays flat at any batch size. Backward
-recomputes V of each chunk from x (cheaper than keeping the 4x larger V of the whole batch in
-memory); the object saved for backward is therefore x itself. The chunks run on worker threads,
-one per core, as parallel.py schedules them (that module explains why, and holds BLAS to one
-thread meanwhile).
+What forward keeps for backward: (x, U). U is small and independent of the batch (36 * Cin * Cout
+floats: 18.3 MB for the five Winograd layers of VGG4bit), so backward reuses it instead of
+transforming w again. V is not kept: it is 2.25x the size of x (6x6 windows every 4 pixels), so
+keeping it would hold 321 MB more for VGG4bit at batch 256 against a 1 GB memory budget.
+Backward recomputes V chunk by chunk from x (which the graph holds anyway): one more input
+transform per chunk, a streaming pass over x with no GEMM work.
+
+The batch runs in chunks of images whose V and M take ~CHUNK_BYTES (and hold at least
+MIN_CHUNK_TILES tiles, so the GEMMs have enough rows), so the transforms and the GEMMs hand each
+other cache-resident data and memory stays flat at any batch size. The chunks run on worker
+threads, one per core, as parallel.py schedules them (that module explains why, and holds BLAS to
+one thread meanwhile). Each worker adds each chunk's dU into its own sum; backward's chunks hold at
+least twice the bytes of that (36, Cout, Cin) partial, so the sums stay a small share of the work.
 
 Transform kernels loop over tiles (`prange`: parallel when called from the main thread, serial
-in a worker) with the channel loop innermost, contiguous in both NHWC and the (16, T, C)
-layouts. `prange` matters even serially: Numba compiles a parfor body with its arrays marked
-non-aliasing, which is what lets LLVM vectorize a loop with 16 input and 16 output streams (a
-plain @njit version ran several times slower). Window positions outside the image are read from
-a clamped in-bounds index and multiplied by a 0/1 mask, which keeps the inner loop free of
-branches. Every kernel has a plain-NumPy `*_reference` twin that spells the same transform with
-the explicit matrices B^T, G, A^T below.
+in a worker) with a loop over the channels innermost, which LLVM vectorizes. The two kernels that
+write V or dM (36 values per tile and channel, from a 6x6 or 4x4 window of NHWC) run each 2-D
+transform as two 1-D passes through a small per-tile scratch, first the window's columns, then
+its 6 rows, each pass reading and writing 6 values per channel: written as one loop body with all
+36 stores, LLVM left them scalar and they ran 3-5x slower. The output transform and the input
+transform's adjoint vectorize as one body. `prange` matters even serially: Numba compiles a parfor body
+with its arrays marked non-aliasing, which is what lets LLVM vectorize (a plain @njit version runs
+several times slower). Window positions outside the image are read from a clamped in-bounds
+index and multiplied by a 0/1 mask, which keeps the inner loops free of branches. Every kernel
+has a plain-NumPy `*_reference` twin that spells the same transform with the explicit matrices
+B^T, G, A^T below.
 """
 import numpy as np
 from numba import njit, prange
 
 from . import parallel
 
-# The transform matrices of F(2x2, 3x3); the kernels below hard-code their products.
-BT = np.array([[1, 0, -1, 0],
-               [0, 1, 1, 0],
-               [0, -1, 1, 0],
-               [0, 1, 0, -1]], dtype=np.float64)
-G = np.array([[1, 0, 0],
-              [0.5, 0.5, 0.5],
-              [0.5, -0.5, 0.5],
+# The transform matrices of F(4x4, 3x3), points 0, 1, -1, 2, -2, infinity; the kernels below
+# hard-code their products.
+BT = np.array([[4, 0, -5, 0, 1, 0],
+               [0, -4, -4, 1, 1, 0],
+               [0, 4, -4, -1, 1, 0],
+               [0, -2, -1, 2, 1, 0],
+               [0, 2, -1, -2, 1, 0],
+               [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+G = np.array([[1 / 4, 0, 0],
+              [-1 / 6, -1 / 6, -1 / 6],
+              [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6],
+              [1 / 24, -1 / 12, 1 / 6],
               [0, 0, 1]], dtype=np.float64)
-AT = np.array([[1, 1, 1, 0],
-               [0, 1, -1, -1]], dtype=np.float64)
+AT = np.array([[1, 1, 1, 1, 1, 0],
+               [0, 1, -1, 2, -2, 0],
+               [0, 1, 1, 4, 4, 0],
+               [0, 1, -1, 8, -8, 1]], dtype=np.float64)
 
-# V + M of one chunk of images. Two chunks are live at once (one per thread) next to whatever
-# else shares the L3; of 2, 4 and 8 MiB, 2 MiB ran fastest on the VGG shapes.
+TILE = 4                # output rows and columns per tile
+WINDOW = TILE + 2       # input rows and columns per tile (3x3 kernel)
+POSITIONS = WINDOW ** 2  # elementwise products per tile and (Cin, Cout) pair: 36 GEMMs
+
+# V + M of one chunk of images (two chunks are live at once, one per thread, next to whatever
+# else shares the L3), and the fewest tiles per chunk: the tiles are the rows of the forward
+# GEMMs and the reduction length of the dU GEMMs, and BLAS runs short ones poorly.
 CHUNK_BYTES = 2 << 20
+MIN_CHUNK_TILES = 128
 
 
 def tile_grid(h, w):
-    """Number of 2x2 output tiles along H and W (the last one is half outside for odd sizes)."""
-    return (h + 1) // 2, (w + 1) // 2
+    """Number of 4x4 output tiles along H and W (the last ones reach past the image unless 4 divides)."""
+    return -(-h // TILE), -(-w // TILE)
 
 
 # ----------------------------------------------------------------------------- 1-D transforms
-# The 2-D transforms apply a 1-D transform to the columns, then to the rows, of a 4x4 (or 3x3,
-# 2x2) tile. Tuples of scalars stay in registers; inline="always" lets LLVM see one loop body.
+# The 2-D transforms apply a 1-D transform to the columns, then to the rows, of a 6x6 (or 4x4,
+# 3x3) tile. Tuples of scalars stay in registers; inline="always" lets LLVM see one loop body.
+# The integer coefficients come in as arguments of the data's dtype: a Python literal would
+# turn float32 arithmetic into float64.
 
 @njit(inline="always")
-def _bt(d0, d1, d2, d3):
-    """B^T d for a 4-vector d (input transform)."""
-    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
-
-
-@njit(inline="always")
-def _g(g0, g1, g2, half):
-    """G g for a 3-vector g (weight transform)."""
-    return g0, half * (g0 + g1 + g2), half * (g0 - g1 + g2), g2
-
-
-@njit(inline="always")
-def _gt(u0, u1, u2, u3, half):
-    """G^T u for a 4-vector u (adjoint of the weight transform)."""
-    return u0 + half * (u1 + u2), half * (u1 - u2), half * (u1 + u2) + u3
+def _bt6(d, two, four, five):
+    """B^T d for a 6-vector d (input transform)."""
+    d0, d1, d2, d3, d4, d5 = d
+    a, b = d4 - four * d2, d3 - four * d1
+    c, e = d4 - d2, two * (d3 - d1)
+    return four * d0 - five * d2 + d4, a + b, a - b, c + e, c - e, four * d1 - five * d3 + d5
 
 
 @njit(inline="always")
-def _at(m0, m1, m2, m3):
-    """A^T m for a 4-vector m (output transform)."""
-    return m0 + m1 + m2, m1 - m2 - m3
+def _b6_overlap_add(v, before, after, m_before, m_after, two, four, five):
+    """The four in-tile outputs 4p .. 4p+3 of the 1-D input-transform adjoint B v of window p
+    (which covers rows 4p-1 .. 4p+4), overlap-added with the neighbouring windows: window p-1
+    adds its last output (B v)[5] = v5 to row 4p (`before`), window p+1 its first output
+    (B v)[0] = 4 v0 to row 4p+3 (`after` = that v0); m_* = 0 at the border."""
+    v0, v1, v2, v3, v4, v5 = v
+    s12, d12, s34, d34 = v1 + v2, v1 - v2, v3 + v4, v3 - v4
+    return (four * (v5 - d12) - two * d34 + m_before * before,
+            -five * v0 - four * s12 - s34,
+            d12 + two * d34 - five * v5,
+            v0 + s12 + s34 + four * (m_after * after))
 
 
 @njit(inline="always")
-def _a(g0, g1):
-    """A g for a 2-vector g (adjoint of the output transform)."""
-    return g0, g0 + g1, g0 - g1, -g1
+def _g6(g):
+    """G g for a 3-vector g (weight transform), in float64."""
+    g0, g1, g2 = np.float64(g[0]), np.float64(g[1]), np.float64(g[2])
+    a, b, c = g0 + g2, g0 / 24 + g2 / 6, g1 / 12
+    return g0 / 4, -(a + g1) / 6, -(a - g1) / 6, b + c, b - c, g2
 
 
 @njit(inline="always")
-def _window(start, size, one):
-    """Four clamped in-bounds indices start..start+3 and their 0/1 masks (0 = padding)."""
-    i0, i1, i2, i3 = start, start + 1, start + 2, start + 3
+def _gt6(u):
+    """G^T u for a 6-vector u (adjoint of the weight transform), in float64."""
+    u0, u1, u2 = np.float64(u[0]), np.float64(u[1]), np.float64(u[2])
+    u3, u4, u5 = np.float64(u[3]), np.float64(u[4]), np.float64(u[5])
+    s12, d12, s34, d34 = u1 + u2, u1 - u2, u3 + u4, u3 - u4
+    return u0 / 4 - s12 / 6 + s34 / 24, d34 / 12 - d12 / 6, (s34 - s12) / 6 + u5
+
+
+@njit(inline="always")
+def _at6(m, two, four, eight):
+    """A^T m for a 6-vector m (output transform)."""
+    m0, m1, m2, m3, m4, m5 = m
+    s12, d12, s34, d34 = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return m0 + s12 + s34, d12 + two * d34, s12 + four * s34, d12 + eight * d34 + m5
+
+
+@njit(inline="always")
+def _a6(g, two, four, eight):
+    """A g for a 4-vector g (adjoint of the output transform)."""
+    g0, g1, g2, g3 = g
+    even, odd = g0 + g2, g1 + g3
+    even4, odd4 = g0 + four * g2, two * g1 + eight * g3
+    return g0, even + odd, even - odd, even4 + odd4, even4 - odd4, g3
+
+
+# ----------------------------------------------------------------------------- tile helpers
+
+@njit(inline="always")
+def _window_index(start, size):
+    """Six indices start .. start+5 of a tile's input rows (or columns), clamped into the image."""
+    return (min(max(start, 0), size - 1), min(start + 1, size - 1), min(start + 2, size - 1),
+            min(start + 3, size - 1), min(start + 4, size - 1), min(start + 5, size - 1))
+
+
+@njit(inline="always")
+def _window_mask(start, size, one):
+    """0/1 masks of the same six positions: 0 where the window reaches into the padding."""
     zero = one - one
-    return (min(max(i0, 0), size - 1), min(i1, size - 1), min(i2, size - 1), min(i3, size - 1),
-            one if i0 >= 0 else zero, one if i1 < size else zero,
-            one if i2 < size else zero, one if i3 < size else zero)
+    return (one if start >= 0 else zero, one if start + 1 < size else zero,
+            one if start + 2 < size else zero, one if start + 3 < size else zero,
+            one if start + 4 < size else zero, one if start + 5 < size else zero)
+
+
+@njit(inline="always")
+def _block_index(start, size):
+    """Four indices start .. start+3 of a tile's output rows (or columns), clamped into the image."""
+    return start, min(start + 1, size - 1), min(start + 2, size - 1), min(start + 3, size - 1)
+
+
+@njit(inline="always")
+def _block_mask(start, size, one):
+    """0/1 masks of the same four positions: 0 beyond the image, where the last tile is cropped."""
+    zero = one - one
+    return (one, one if start + 1 < size else zero, one if start + 2 < size else zero,
+            one if start + 3 < size else zero)
+
+
+@njit(inline="always")
+def _positions(a, first, step, t, ch):
+    """Six transform positions first, first + step, ... of one tile (or output channel) and
+    channel of a (T, 36, C) storage array: step 6 walks a column of the 6x6 window
+    (k = 6 * row + column), step 1 a row."""
+    return (a[t, first, ch], a[t, first + step, ch], a[t, first + 2 * step, ch],
+            a[t, first + 3 * step, ch], a[t, first + 4 * step, ch], a[t, first + 5 * step, ch])
+
+
+@njit(inline="always")
+def _store_row(a, row, t, ch, values):
+    """Six values into positions 6 * row .. 6 * row + 5 of a (T, 36, C) (or (Cout, 36, Cin))
+    storage array: for one tile they are 6 consecutive runs of C values."""
+    k = 6 * row
+    a[t, k, ch], a[t, k + 1, ch], a[t, k + 2, ch], a[t, k + 3, ch], a[t, k + 4, ch], a[t, k + 5, ch] = values
+
+
+@njit(inline="always")
+def _store_column(a, j, ch, values):
+    """Six values into rows 0 .. 5 of column j of a per-tile scratch (6, columns, C)."""
+    a[0, j, ch], a[1, j, ch], a[2, j, ch], a[3, j, ch], a[4, j, ch], a[5, j, ch] = values
+
+
+@njit(inline="always")
+def _row6(a, i, ch):
+    """Row i of a per-tile scratch (6, 6, C) at one channel."""
+    return a[i, 0, ch], a[i, 1, ch], a[i, 2, ch], a[i, 3, ch], a[i, 4, ch], a[i, 5, ch]
+
+
+@njit(inline="always")
+def _row4(a, i, ch):
+    """Row i of a per-tile scratch (6, 4, C) at one channel."""
+    return a[i, 0, ch], a[i, 1, ch], a[i, 2, ch], a[i, 3, ch]
+
+
+@njit(inline="always")
+def _store_block(a, b, rows, cols, ch, b0, b1, b2, b3):
+    """A 4x4 block (rows b0 .. b3 of 4 values) into NHWC `a` at clamped rows and columns. A
+    position outside the image was clamped onto an in-image one of this block with a smaller
+    index; writing from the last position backwards lets the in-image value land last."""
+    r0, r1, r2, r3 = rows
+    c0, c1, c2, c3 = cols
+    a[b, r3, c3, ch], a[b, r3, c2, ch], a[b, r3, c1, ch], a[b, r3, c0, ch] = b3[3], b3[2], b3[1], b3[0]
+    a[b, r2, c3, ch], a[b, r2, c2, ch], a[b, r2, c1, ch], a[b, r2, c0, ch] = b2[3], b2[2], b2[1], b2[0]
+    a[b, r1, c3, ch], a[b, r1, c2, ch], a[b, r1, c1, ch], a[b, r1, c0, ch] = b1[3], b1[2], b1[1], b1[0]
+    a[b, r0, c3, ch], a[b, r0, c2, ch], a[b, r0, c1, ch], a[b, r0, c0, ch] = b0[3], b0[2], b0[1], b0[0]
+
+
+# ----------------------------------------------------------------------------- storage
+# Transformed arrays are stored (rows, 36, C) and handed around as (36, rows, C) views (the
+# module docstring says why).
+
+def _position_major(storage):
+    """The (36, rows, C) view of a (rows, 36, C) storage array."""
+    return storage.transpose(1, 0, 2)
+
+
+def _storage(a, out=False):
+    """The (rows, 36, C) storage behind a (36, rows, C) view. An array stored otherwise is copied
+    into that layout when it is read (`out` False) and refused when a kernel is to write it."""
+    storage = a.transpose(1, 0, 2)
+    if storage.flags.c_contiguous:
+        return storage
+    if out:
+        raise ValueError("winograd: `out` must be a (36, T, C) view of (T, 36, C) storage, "
+                         "as _buffer and the transforms make")
+    return np.ascontiguousarray(storage)
+
+
+def _position_major_empty(rows, channels, dtype):
+    return _position_major(np.empty((rows, POSITIONS, channels), dtype=dtype))
 
 
 # ----------------------------------------------------------------------------- input transform
@@ -114,72 +282,63 @@ def _window(start, size, one):
 @njit(parallel=True, nogil=True, cache=True)
 def _input_transform_kernel(x, one, v):
     n, h, w, c = x.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2
+    th, tw = (h + 3) // 4, (w + 3) // 4
+    two = one + one
+    four, five = two + two, two + two + one
     for t in prange(n * th * tw):
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
-        r0, r1, r2, r3, mr0, mr1, mr2, mr3 = _window(2 * ti - 1, h, one)
-        c0, c1, c2, c3, mc0, mc1, mc2, mc3 = _window(2 * tj - 1, w, one)
-        for ch in range(c):
-            # B^T d: combine the 4 rows of each window column (padding read as 0) ...
-            p0 = _bt(x[b, r0, c0, ch] * (mr0 * mc0), x[b, r1, c0, ch] * (mr1 * mc0),
-                     x[b, r2, c0, ch] * (mr2 * mc0), x[b, r3, c0, ch] * (mr3 * mc0))
-            p1 = _bt(x[b, r0, c1, ch] * (mr0 * mc1), x[b, r1, c1, ch] * (mr1 * mc1),
-                     x[b, r2, c1, ch] * (mr2 * mc1), x[b, r3, c1, ch] * (mr3 * mc1))
-            p2 = _bt(x[b, r0, c2, ch] * (mr0 * mc2), x[b, r1, c2, ch] * (mr1 * mc2),
-                     x[b, r2, c2, ch] * (mr2 * mc2), x[b, r3, c2, ch] * (mr3 * mc2))
-            p3 = _bt(x[b, r0, c3, ch] * (mr0 * mc3), x[b, r1, c3, ch] * (mr1 * mc3),
-                     x[b, r2, c3, ch] * (mr2 * mc3), x[b, r3, c3, ch] * (mr3 * mc3))
-            # ... then (B^T d) B: combine the 4 columns of each row
-            q = _bt(p0[0], p1[0], p2[0], p3[0])
-            v[0, t, ch], v[1, t, ch], v[2, t, ch], v[3, t, ch] = q
-            q = _bt(p0[1], p1[1], p2[1], p3[1])
-            v[4, t, ch], v[5, t, ch], v[6, t, ch], v[7, t, ch] = q
-            q = _bt(p0[2], p1[2], p2[2], p3[2])
-            v[8, t, ch], v[9, t, ch], v[10, t, ch], v[11, t, ch] = q
-            q = _bt(p0[3], p1[3], p2[3], p3[3])
-            v[12, t, ch], v[13, t, ch], v[14, t, ch], v[15, t, ch] = q
+        r0, r1, r2, r3, r4, r5 = _window_index(4 * ti - 1, h)
+        m0, m1, m2, m3, m4, m5 = _window_mask(4 * ti - 1, h, one)
+        cols, col_mask = _window_index(4 * tj - 1, w), _window_mask(4 * tj - 1, w, one)
+        half = np.empty((WINDOW, WINDOW, c), dtype=v.dtype)  # B^T d: [row k, window column, channel]
+        for j in range(WINDOW):
+            col, mc = cols[j], col_mask[j]
+            # B^T d: transform the 6 rows of window column j (padding read as 0) ...
+            for ch in range(c):
+                _store_column(half, j, ch, _bt6((x[b, r0, col, ch] * (m0 * mc), x[b, r1, col, ch] * (m1 * mc),
+                                                 x[b, r2, col, ch] * (m2 * mc), x[b, r3, col, ch] * (m3 * mc),
+                                                 x[b, r4, col, ch] * (m4 * mc), x[b, r5, col, ch] * (m5 * mc)),
+                                                two, four, five))
+        for i in range(WINDOW):
+            # ... then (B^T d) B: transform the 6 columns of each row
+            for ch in range(c):
+                _store_row(v, i, t, ch, _bt6(_row6(half, i, ch), two, four, five))
 
 
 def input_transform(x, out=None):
-    """V = B^T d B of every 4x4 input window: (N, H, W, C) -> (16, T, C), padding 1 built in."""
+    """V = B^T d B of every 6x6 input window: (N, H, W, C) -> (36, T, C), padding 1 built in."""
     n, h, w, c = x.shape
     th, tw = tile_grid(h, w)
-    v = np.empty((16, n * th * tw, c), dtype=x.dtype) if out is None else out
-    _input_transform_kernel(np.ascontiguousarray(x), x.dtype.type(1), v)
+    v = _position_major_empty(n * th * tw, c, x.dtype) if out is None else out
+    _input_transform_kernel(np.ascontiguousarray(x), x.dtype.type(1), _storage(v, out=True))
     return v
 
 
 def _windows_reference(x):
-    """(N, H, W, C) -> (N, th, tw, 4, 4, C): the zero-padded 4x4 input window of every tile."""
+    """(N, H, W, C) -> (N, th, tw, 6, 6, C): the zero-padded 6x6 input window of every tile."""
     n, h, w, c = x.shape
     th, tw = tile_grid(h, w)
-    xp = np.zeros((n, 2 * th + 2, 2 * tw + 2, c), dtype=x.dtype)
+    xp = np.zeros((n, 4 * th + 2, 4 * tw + 2, c), dtype=x.dtype)
     xp[:, 1:h + 1, 1:w + 1] = x
-    return np.stack([np.stack([xp[:, r:r + 2 * th:2, s:s + 2 * tw:2] for s in range(4)], axis=3)
-                     for r in range(4)], axis=3)
+    return np.stack([np.stack([xp[:, r:r + 4 * th:4, s:s + 4 * tw:4] for s in range(6)], axis=3)
+                     for r in range(6)], axis=3)
 
 
 def input_transform_reference(x):
-    n, h, w, c = x.shape
+    c = x.shape[3]
     bt = BT.astype(x.dtype)
     v = np.einsum("ra,ntuabc,sb->rsntuc", bt, _windows_reference(x), bt)
-    return v.reshape(16, -1, c)
-
-
-@njit(inline="always")
-def _overlap_add(v0, v1, v2, v3, before, after, m_before, m_after):
-    """The two in-tile outputs 2p, 2p+1 of the 1-D input-transform adjoint (B v), overlap-added:
-    window p covers rows 2p-1 .. 2p+2, so row 2p also gets (B v)[3] = -v3 of window p-1
-    (`before`) and row 2p+1 gets (B v)[0] = v0 of window p+1 (`after`); m_* = 0 at the border."""
-    return v1 - v2 + v3 - m_before * before, v1 + v2 - v0 + m_after * after
+    return v.reshape(POSITIONS, -1, c)
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _input_transform_adjoint_kernel(dv, one, dx):
     n, h, w, c = dx.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2
+    th, tw = (h + 3) // 4, (w + 3) // 4
     zero = one - one
-    for t in prange(n * th * tw):  # one 2x2 block of dx per tile: a gather, so no write races
+    two = one + one
+    four, five = two + two, two + two + one
+    for t in prange(n * th * tw):  # one 4x4 block of dx per tile: a gather, so no write races
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
         # neighbouring tiles, clamped onto this one (and masked out) at the image border
         up, down, left, right = min(ti, 1), min(th - 1 - ti, 1), min(tj, 1), min(tw - 1 - tj, 1)
@@ -189,39 +348,39 @@ def _input_transform_adjoint_kernel(dv, one, dx):
         md = one if down else zero
         ml = one if left else zero
         mr = one if right else zero
-        i0, j0 = 2 * ti, 2 * tj
-        i1, j1 = min(i0 + 1, h - 1), min(j0 + 1, w - 1)  # clamped: odd sizes crop the last tile
+        rows, cols = _block_index(4 * ti, h), _block_index(4 * tj, w)
         for ch in range(c):
-            # B dV along rows, overlap-added with the tiles above and below: rows 2ti, 2ti+1 of
-            # each of this tile's 4 window columns, of column 3 of the left tile and column 0 of
-            # the right tile (the only columns of those tiles that reach this 2x2 block) ...
-            p0 = _overlap_add(dv[0, t, ch], dv[4, t, ch], dv[8, t, ch], dv[12, t, ch],
-                              dv[12, tu, ch], dv[0, td, ch], mu, md)
-            p1 = _overlap_add(dv[1, t, ch], dv[5, t, ch], dv[9, t, ch], dv[13, t, ch],
-                              dv[13, tu, ch], dv[1, td, ch], mu, md)
-            p2 = _overlap_add(dv[2, t, ch], dv[6, t, ch], dv[10, t, ch], dv[14, t, ch],
-                              dv[14, tu, ch], dv[2, td, ch], mu, md)
-            p3 = _overlap_add(dv[3, t, ch], dv[7, t, ch], dv[11, t, ch], dv[15, t, ch],
-                              dv[15, tu, ch], dv[3, td, ch], mu, md)
-            p_left = _overlap_add(dv[3, tl, ch], dv[7, tl, ch], dv[11, tl, ch], dv[15, tl, ch],
-                                dv[15, tul, ch], dv[3, tdl, ch], mu, md)
-            p_right = _overlap_add(dv[0, tr, ch], dv[4, tr, ch], dv[8, tr, ch], dv[12, tr, ch],
-                                 dv[12, tur, ch], dv[0, tdr, ch], mu, md)
-            # ... then the same along columns
-            top = _overlap_add(p0[0], p1[0], p2[0], p3[0], p_left[0], p_right[0], ml, mr)
-            bottom = _overlap_add(p0[1], p1[1], p2[1], p3[1], p_left[1], p_right[1], ml, mr)
-            # as in the output transform: the in-image value of a clamped pair is written last
-            dx[b, i1, j1, ch] = bottom[1]
-            dx[b, i1, j0, ch] = bottom[0]
-            dx[b, i0, j1, ch] = top[1]
-            dx[b, i0, j0, ch] = top[0]
+            # B dV along each window column, overlap-added with the tiles above (their last row,
+            # k = 30 + column) and below (their first row, k = column): rows 4ti .. 4ti+3 of this
+            # tile's 6 columns, of the left tile's last column and of the right tile's first
+            # column (the only columns of those tiles that reach this 4x4 block) ...
+            p0 = _b6_overlap_add(_positions(dv, 0, 6, t, ch), dv[tu, 30, ch], dv[td, 0, ch], mu, md, two, four, five)
+            p1 = _b6_overlap_add(_positions(dv, 1, 6, t, ch), dv[tu, 31, ch], dv[td, 1, ch], mu, md, two, four, five)
+            p2 = _b6_overlap_add(_positions(dv, 2, 6, t, ch), dv[tu, 32, ch], dv[td, 2, ch], mu, md, two, four, five)
+            p3 = _b6_overlap_add(_positions(dv, 3, 6, t, ch), dv[tu, 33, ch], dv[td, 3, ch], mu, md, two, four, five)
+            p4 = _b6_overlap_add(_positions(dv, 4, 6, t, ch), dv[tu, 34, ch], dv[td, 4, ch], mu, md, two, four, five)
+            p5 = _b6_overlap_add(_positions(dv, 5, 6, t, ch), dv[tu, 35, ch], dv[td, 5, ch], mu, md, two, four, five)
+            p_left = _b6_overlap_add(_positions(dv, 5, 6, tl, ch), dv[tul, 35, ch], dv[tdl, 5, ch],
+                                     mu, md, two, four, five)
+            p_right = _b6_overlap_add(_positions(dv, 0, 6, tr, ch), dv[tur, 30, ch], dv[tdr, 0, ch],
+                                      mu, md, two, four, five)
+            # ... then the same along each of the 4 rows
+            _store_block(dx, b, rows, cols, ch,
+                         _b6_overlap_add((p0[0], p1[0], p2[0], p3[0], p4[0], p5[0]), p_left[0], p_right[0],
+                                         ml, mr, two, four, five),
+                         _b6_overlap_add((p0[1], p1[1], p2[1], p3[1], p4[1], p5[1]), p_left[1], p_right[1],
+                                         ml, mr, two, four, five),
+                         _b6_overlap_add((p0[2], p1[2], p2[2], p3[2], p4[2], p5[2]), p_left[2], p_right[2],
+                                         ml, mr, two, four, five),
+                         _b6_overlap_add((p0[3], p1[3], p2[3], p3[3], p4[3], p5[3]), p_left[3], p_right[3],
+                                         ml, mr, two, four, five))
 
 
 def input_transform_adjoint(dv, x_shape, out=None):
-    """dx = sum over tiles of B dV B^T added into each tile's 4x4 input window, the padding
-    dropped: (16, T, C) -> x_shape (N, H, W, C). Writes every element of `out` when given."""
+    """dx = sum over tiles of B dV B^T added into each tile's 6x6 input window, the padding
+    dropped: (36, T, C) -> x_shape (N, H, W, C). Writes every element of `out` when given."""
     dx = np.empty(x_shape, dtype=dv.dtype) if out is None else out
-    _input_transform_adjoint_kernel(dv, dv.dtype.type(1), dx)
+    _input_transform_adjoint_kernel(_storage(dv), dv.dtype.type(1), dx)
     return dx
 
 
@@ -229,106 +388,114 @@ def input_transform_adjoint_reference(dv, x_shape):
     n, h, w, c = x_shape
     th, tw = tile_grid(h, w)
     b = BT.T.astype(dv.dtype)
-    windows = np.einsum("ar,rsntuc,bs->ntuabc", b, dv.reshape(4, 4, n, th, tw, c), b)
-    dxp = np.zeros((n, 2 * th + 2, 2 * tw + 2, c), dtype=dv.dtype)
-    for r in range(4):
-        for s in range(4):
-            dxp[:, r:r + 2 * th:2, s:s + 2 * tw:2] += windows[:, :, :, r, s]
+    windows = np.einsum("ar,rsntuc,bs->ntuabc", b, dv.reshape(6, 6, n, th, tw, c), b)
+    dxp = np.zeros((n, 4 * th + 2, 4 * tw + 2, c), dtype=dv.dtype)
+    for r in range(6):
+        for s in range(6):
+            dxp[:, r:r + 4 * th:4, s:s + 4 * tw:4] += windows[:, :, :, r, s]
     return dxp[:, 1:h + 1, 1:w + 1]
 
 
 # ----------------------------------------------------------------------------- weight transform
+# Once per pass over Cout * Cin kernels, so the arithmetic runs in float64 (_g6 and _gt6 convert
+# their inputs) and each result is rounded once when stored.
 
 @njit(parallel=True, nogil=True, cache=True)
-def _weight_transform_kernel(w, half, u):
+def _weight_transform_kernel(w, u):
     cout, _, _, cin = w.shape
     for co in prange(cout):
         for ci in range(cin):
-            # G g: combine the 3 rows of each kernel column ...
-            p0 = _g(w[co, 0, 0, ci], w[co, 1, 0, ci], w[co, 2, 0, ci], half)
-            p1 = _g(w[co, 0, 1, ci], w[co, 1, 1, ci], w[co, 2, 1, ci], half)
-            p2 = _g(w[co, 0, 2, ci], w[co, 1, 2, ci], w[co, 2, 2, ci], half)
+            # G g: transform the 3 rows of each kernel column ...
+            p0 = _g6((w[co, 0, 0, ci], w[co, 1, 0, ci], w[co, 2, 0, ci]))
+            p1 = _g6((w[co, 0, 1, ci], w[co, 1, 1, ci], w[co, 2, 1, ci]))
+            p2 = _g6((w[co, 0, 2, ci], w[co, 1, 2, ci], w[co, 2, 2, ci]))
             # ... then (G g) G^T row by row
-            u[0, co, ci], u[1, co, ci], u[2, co, ci], u[3, co, ci] = _g(p0[0], p1[0], p2[0], half)
-            u[4, co, ci], u[5, co, ci], u[6, co, ci], u[7, co, ci] = _g(p0[1], p1[1], p2[1], half)
-            u[8, co, ci], u[9, co, ci], u[10, co, ci], u[11, co, ci] = _g(p0[2], p1[2], p2[2], half)
-            u[12, co, ci], u[13, co, ci], u[14, co, ci], u[15, co, ci] = _g(p0[3], p1[3], p2[3], half)
+            _store_row(u, 0, co, ci, _g6((p0[0], p1[0], p2[0])))
+            _store_row(u, 1, co, ci, _g6((p0[1], p1[1], p2[1])))
+            _store_row(u, 2, co, ci, _g6((p0[2], p1[2], p2[2])))
+            _store_row(u, 3, co, ci, _g6((p0[3], p1[3], p2[3])))
+            _store_row(u, 4, co, ci, _g6((p0[4], p1[4], p2[4])))
+            _store_row(u, 5, co, ci, _g6((p0[5], p1[5], p2[5])))
 
 
 def weight_transform(w):
-    """U = G g G^T of every 3x3 kernel: (Cout, 3, 3, Cin) -> (16, Cout, Cin). Cin stays the
-    fastest axis, as in w, so this is a streaming pass; the forward GEMM for tile position k
-    reads U[k] transposed, V[k] (T, Cin) @ U[k].T (Cin, Cout), which BLAS does without a copy."""
-    cout, kh, kw, cin = w.shape
-    u = np.empty((16, cout, cin), dtype=w.dtype)
-    _weight_transform_kernel(np.ascontiguousarray(w), w.dtype.type(0.5), u)
+    """U = G g G^T of every 3x3 kernel: (Cout, 3, 3, Cin) -> (36, Cout, Cin). Cin stays the
+    fastest axis, as in w, so this is a streaming pass; the forward GEMM for position k reads
+    U[k] transposed, V[k] (T, Cin) @ U[k].T (Cin, Cout), which BLAS does without a copy."""
+    cout, _, _, cin = w.shape
+    u = _position_major_empty(cout, cin, w.dtype)
+    _weight_transform_kernel(np.ascontiguousarray(w), _storage(u, out=True))
     return u
 
 
 def weight_transform_reference(w):
-    g = G.astype(w.dtype)
-    return np.einsum("ra,oabi,sb->rsoi", g, w, g).reshape(16, w.shape[0], w.shape[3])
+    u = np.einsum("ra,oabi,sb->rsoi", G, w.astype(np.float64), G)
+    return u.reshape(POSITIONS, w.shape[0], w.shape[3]).astype(w.dtype)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _weight_transform_adjoint_kernel(du, half, dw):
+def _weight_transform_adjoint_kernel(du, dw):
     cout, _, _, cin = dw.shape
     for co in prange(cout):
         for ci in range(cin):
-            # G^T dU: combine the 4 rows of each column ...
-            p0 = _gt(du[0, co, ci], du[4, co, ci], du[8, co, ci], du[12, co, ci], half)
-            p1 = _gt(du[1, co, ci], du[5, co, ci], du[9, co, ci], du[13, co, ci], half)
-            p2 = _gt(du[2, co, ci], du[6, co, ci], du[10, co, ci], du[14, co, ci], half)
-            p3 = _gt(du[3, co, ci], du[7, co, ci], du[11, co, ci], du[15, co, ci], half)
+            # G^T dU: transform the 6 rows of each column ...
+            p0 = _gt6(_positions(du, 0, 6, co, ci))
+            p1 = _gt6(_positions(du, 1, 6, co, ci))
+            p2 = _gt6(_positions(du, 2, 6, co, ci))
+            p3 = _gt6(_positions(du, 3, 6, co, ci))
+            p4 = _gt6(_positions(du, 4, 6, co, ci))
+            p5 = _gt6(_positions(du, 5, 6, co, ci))
             # ... then (G^T dU) G row by row
-            dw[co, 0, 0, ci], dw[co, 0, 1, ci], dw[co, 0, 2, ci] = _gt(p0[0], p1[0], p2[0], p3[0], half)
-            dw[co, 1, 0, ci], dw[co, 1, 1, ci], dw[co, 1, 2, ci] = _gt(p0[1], p1[1], p2[1], p3[1], half)
-            dw[co, 2, 0, ci], dw[co, 2, 1, ci], dw[co, 2, 2, ci] = _gt(p0[2], p1[2], p2[2], p3[2], half)
+            dw[co, 0, 0, ci], dw[co, 0, 1, ci], dw[co, 0, 2, ci] = _gt6((p0[0], p1[0], p2[0], p3[0], p4[0], p5[0]))
+            dw[co, 1, 0, ci], dw[co, 1, 1, ci], dw[co, 1, 2, ci] = _gt6((p0[1], p1[1], p2[1], p3[1], p4[1], p5[1]))
+            dw[co, 2, 0, ci], dw[co, 2, 1, ci], dw[co, 2, 2, ci] = _gt6((p0[2], p1[2], p2[2], p3[2], p4[2], p5[2]))
 
 
 def weight_transform_adjoint(du):
-    """dw = G^T dU G: (16, Cout, Cin) -> (Cout, 3, 3, Cin), the adjoint of weight_transform."""
+    """dw = G^T dU G: (36, Cout, Cin) -> (Cout, 3, 3, Cin), the adjoint of weight_transform."""
     _, cout, cin = du.shape
     dw = np.empty((cout, 3, 3, cin), dtype=du.dtype)
-    _weight_transform_adjoint_kernel(np.ascontiguousarray(du), du.dtype.type(0.5), dw)
+    _weight_transform_adjoint_kernel(_storage(du), dw)
     return dw
 
 
 def weight_transform_adjoint_reference(du):
-    g = G.astype(du.dtype)
     _, cout, cin = du.shape
-    return np.einsum("ra,rsoi,sb->oabi", g, du.reshape(4, 4, cout, cin), g)
+    dw = np.einsum("ra,rsoi,sb->oabi", G, du.reshape(6, 6, cout, cin).astype(np.float64), G)
+    return dw.astype(du.dtype)
 
 
 # ----------------------------------------------------------------------------- output transform
 
 @njit(parallel=True, nogil=True, cache=True)
-def _output_transform_kernel(m, y):
+def _output_transform_kernel(m, one, y):
     n, h, w, c = y.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2
+    th, tw = (h + 3) // 4, (w + 3) // 4
+    two = one + one
+    four = two + two
+    eight = four + four
     for t in prange(n * th * tw):
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
-        i0, j0 = 2 * ti, 2 * tj
-        i1, j1 = min(i0 + 1, h - 1), min(j0 + 1, w - 1)  # clamped: odd sizes crop the last tile
+        rows, cols = _block_index(4 * ti, h), _block_index(4 * tj, w)
         for ch in range(c):
-            # A^T M: combine the 4 rows of each column ...
-            p0 = _at(m[0, t, ch], m[4, t, ch], m[8, t, ch], m[12, t, ch])
-            p1 = _at(m[1, t, ch], m[5, t, ch], m[9, t, ch], m[13, t, ch])
-            p2 = _at(m[2, t, ch], m[6, t, ch], m[10, t, ch], m[14, t, ch])
-            p3 = _at(m[3, t, ch], m[7, t, ch], m[11, t, ch], m[15, t, ch])
-            top = _at(p0[0], p1[0], p2[0], p3[0])  # ... then (A^T M) A: output rows 2ti, 2ti+1
-            bottom = _at(p0[1], p1[1], p2[1], p3[1])
-            # An output outside the image was clamped onto an in-image one of this tile; writing
-            # in this order lets the in-image value land last.
-            y[b, i1, j1, ch] = bottom[1]
-            y[b, i1, j0, ch] = bottom[0]
-            y[b, i0, j1, ch] = top[1]
-            y[b, i0, j0, ch] = top[0]
+            # A^T M: transform the 6 rows of each column ...
+            p0 = _at6(_positions(m, 0, 6, t, ch), two, four, eight)
+            p1 = _at6(_positions(m, 1, 6, t, ch), two, four, eight)
+            p2 = _at6(_positions(m, 2, 6, t, ch), two, four, eight)
+            p3 = _at6(_positions(m, 3, 6, t, ch), two, four, eight)
+            p4 = _at6(_positions(m, 4, 6, t, ch), two, four, eight)
+            p5 = _at6(_positions(m, 5, 6, t, ch), two, four, eight)
+            # ... then (A^T M) A: output rows 4ti .. 4ti+3
+            _store_block(y, b, rows, cols, ch,
+                         _at6((p0[0], p1[0], p2[0], p3[0], p4[0], p5[0]), two, four, eight),
+                         _at6((p0[1], p1[1], p2[1], p3[1], p4[1], p5[1]), two, four, eight),
+                         _at6((p0[2], p1[2], p2[2], p3[2], p4[2], p5[2]), two, four, eight),
+                         _at6((p0[3], p1[3], p2[3], p3[3], p4[3], p5[3]), two, four, eight))
 
 
 def output_transform(m, out):
-    """Y = A^T M A of every tile into the NHWC array `out` (N, H, W, Cout); M is (16, T, Cout)."""
-    _output_transform_kernel(m, out)
+    """Y = A^T M A of every tile into the NHWC array `out` (N, H, W, Cout); M is (36, T, Cout)."""
+    _output_transform_kernel(_storage(m), m.dtype.type(1), out)
     return out
 
 
@@ -336,49 +503,53 @@ def output_transform_reference(m, y_shape):
     n, h, w, c = y_shape
     th, tw = tile_grid(h, w)
     at = AT.astype(m.dtype)
-    y = np.einsum("ar,rsntuc,bs->ntaubc", at, m.reshape(4, 4, n, th, tw, c), at)
-    return y.reshape(n, 2 * th, 2 * tw, c)[:, :h, :w]
+    y = np.einsum("ar,rsntuc,bs->ntaubc", at, m.reshape(6, 6, n, th, tw, c), at)
+    return y.reshape(n, 4 * th, 4 * tw, c)[:, :h, :w]
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _output_transform_adjoint_kernel(g, one, dm):
     n, h, w, c = g.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2
-    zero = one - one
+    th, tw = (h + 3) // 4, (w + 3) // 4
+    two = one + one
+    four = two + two
+    eight = four + four
     for t in prange(n * th * tw):
         b, ti, tj = t // (th * tw), (t // tw) % th, t % tw
-        i0, j0 = 2 * ti, 2 * tj
-        i1, j1 = min(i0 + 1, h - 1), min(j0 + 1, w - 1)
-        mi1 = one if i0 + 1 < h else zero  # outputs cropped away have zero gradient
-        mj1 = one if j0 + 1 < w else zero
-        for ch in range(c):
-            # A g: each column of the 2x2 gradient tile becomes 4 rows ...
-            p0 = _a(g[b, i0, j0, ch], g[b, i1, j0, ch] * mi1)
-            p1 = _a(g[b, i0, j1, ch] * mj1, g[b, i1, j1, ch] * (mi1 * mj1))
+        r0, r1, r2, r3 = _block_index(4 * ti, h)  # outputs cropped away: zero gradient
+        m0, m1, m2, m3 = _block_mask(4 * ti, h, one)
+        cols, col_mask = _block_index(4 * tj, w), _block_mask(4 * tj, w, one)
+        half = np.empty((WINDOW, TILE, c), dtype=dm.dtype)  # A g: [row k, block column, channel]
+        for j in range(TILE):
+            col, mc = cols[j], col_mask[j]
+            # A g: column j of the 4x4 gradient block becomes 6 rows ...
+            for ch in range(c):
+                _store_column(half, j, ch, _a6((g[b, r0, col, ch] * (m0 * mc), g[b, r1, col, ch] * (m1 * mc),
+                                                g[b, r2, col, ch] * (m2 * mc), g[b, r3, col, ch] * (m3 * mc)),
+                                               two, four, eight))
+        for i in range(WINDOW):
             # ... then (A g) A^T row by row
-            dm[0, t, ch], dm[1, t, ch], dm[2, t, ch], dm[3, t, ch] = _a(p0[0], p1[0])
-            dm[4, t, ch], dm[5, t, ch], dm[6, t, ch], dm[7, t, ch] = _a(p0[1], p1[1])
-            dm[8, t, ch], dm[9, t, ch], dm[10, t, ch], dm[11, t, ch] = _a(p0[2], p1[2])
-            dm[12, t, ch], dm[13, t, ch], dm[14, t, ch], dm[15, t, ch] = _a(p0[3], p1[3])
+            for ch in range(c):
+                _store_row(dm, i, t, ch, _a6(_row4(half, i, ch), two, four, eight))
 
 
 def output_transform_adjoint(g, out=None):
-    """dM = A dY A^T of every 2x2 gradient tile: (N, H, W, Cout) -> (16, T, Cout)."""
+    """dM = A dY A^T of every 4x4 gradient block: (N, H, W, Cout) -> (36, T, Cout)."""
     n, h, w, c = g.shape
     th, tw = tile_grid(h, w)
-    dm = np.empty((16, n * th * tw, c), dtype=g.dtype) if out is None else out
-    _output_transform_adjoint_kernel(np.ascontiguousarray(g), g.dtype.type(1), dm)
+    dm = _position_major_empty(n * th * tw, c, g.dtype) if out is None else out
+    _output_transform_adjoint_kernel(np.ascontiguousarray(g), g.dtype.type(1), _storage(dm, out=True))
     return dm
 
 
 def output_transform_adjoint_reference(g):
     n, h, w, c = g.shape
     th, tw = tile_grid(h, w)
-    gp = np.zeros((n, 2 * th, 2 * tw, c), dtype=g.dtype)
+    gp = np.zeros((n, 4 * th, 4 * tw, c), dtype=g.dtype)
     gp[:, :h, :w] = g
     a = AT.T.astype(g.dtype)
-    dm = np.einsum("ra,ntaubc,sb->rsntuc", a, gp.reshape(n, th, 2, tw, 2, c), a)
-    return dm.reshape(16, -1, c)
+    dm = np.einsum("ra,ntaubc,sb->rsntuc", a, gp.reshape(n, th, 4, tw, 4, c), a)
+    return dm.reshape(POSITIONS, -1, c)
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -401,103 +572,104 @@ def _check_shapes(x_shape, w_shape):
 
 def _chunks(n, h, w, channels, itemsize, chunk_bytes, threads):
     """(first image, end image, tiles) of each chunk: about `chunk_bytes` of transformed data
-    (16, tiles, channels) per chunk, at least one image, and at least one chunk per thread."""
+    (36, tiles, channels) per chunk but at least MIN_CHUNK_TILES tiles, at least one image, and
+    at least one chunk per thread."""
     th, tw = tile_grid(h, w)
-    return [(s, e, (e - s) * th * tw) for s, e in parallel.split(n, 16 * th * tw * channels * itemsize,
-                                                                  chunk_bytes, threads)]
+    image_bytes = POSITIONS * th * tw * channels * itemsize
+    chunk_bytes = max(chunk_bytes, -(-MIN_CHUNK_TILES // (th * tw)) * image_bytes)
+    return [(s, e, (e - s) * th * tw) for s, e in parallel.split(n, image_bytes, chunk_bytes, threads)]
 
 
 def _buffer(flat, tiles, channels):
-    """A C-contiguous (16, tiles, channels) view of the front of a flat scratch buffer, so every
-    V[k] / M[k] handed to BLAS is one contiguous 2-D matrix (no copy inside np.matmul)."""
-    return flat[:16 * tiles * channels].reshape(16, tiles, channels)
+    """A (36, tiles, channels) view of (tiles, 36, channels) storage at the front of a flat
+    scratch buffer: every V[k] / M[k] handed to BLAS is a 2-D matrix with unit column stride,
+    which np.matmul passes to BLAS without a copy."""
+    return _position_major(flat[:POSITIONS * tiles * channels].reshape(tiles, POSITIONS, channels))
 
 
 def conv3x3_forward(x, w, keep_for_backward=True, chunk_bytes=CHUNK_BYTES):
-    """y = conv(x, w), 3x3, stride 1, zero padding 1, by Winograd F(2x2, 3x3).
+    """y = conv(x, w), 3x3, stride 1, zero padding 1, by Winograd F(4x4, 3x3).
 
     x (N, H, W, Cin), w (Cout, 3, 3, Cin) -> y (N, H, W, Cout), same float dtype. Returns
-    (y, saved): saved is what conv3x3_backward needs for dw (x itself, since backward recomputes
-    V chunk by chunk), or None when keep_for_backward is False.
+    (y, saved): saved = (x, U) is what conv3x3_backward needs (x to recompute V for dw, the
+    transformed weights U (36, Cout, Cin) for dx), or None when keep_for_backward is False.
     """
     _check_shapes(x.shape, w.shape)
     dtype = _float_dtype(x, w)
     x, w = np.ascontiguousarray(x, dtype=dtype), np.ascontiguousarray(w, dtype=dtype)
     n, h, wd, cin = x.shape
     cout = w.shape[0]
-    u_t = weight_transform(w).transpose(0, 2, 1)  # (16, Cin, Cout) view of (16, Cout, Cin)
+    u = weight_transform(w)
+    u_t = u.transpose(0, 2, 1)  # (36, Cin, Cout) view
     y = np.empty((n, h, wd, cout), dtype=dtype)
     threads = parallel.worker_threads()
     chunks = _chunks(n, h, wd, cin + cout, x.itemsize, chunk_bytes, threads)
     max_tiles = max(tiles for _, _, tiles in chunks)
 
     def worker(my_chunks):
-        v_flat = np.empty(16 * max_tiles * cin, dtype=dtype)
-        m_flat = np.empty(16 * max_tiles * cout, dtype=dtype)
+        v_flat = np.empty(POSITIONS * max_tiles * cin, dtype=dtype)
+        m_flat = np.empty(POSITIONS * max_tiles * cout, dtype=dtype)
         for s, e, tiles in my_chunks:
             v = input_transform(x[s:e], out=_buffer(v_flat, tiles, cin))
-            m = np.matmul(v, u_t, out=_buffer(m_flat, tiles, cout))  # 16 GEMMs (tiles, Cin) @ (Cin, Cout)
+            m = np.matmul(v, u_t, out=_buffer(m_flat, tiles, cout))  # 36 GEMMs (tiles, Cin) @ (Cin, Cout)
             output_transform(m, out=y[s:e])
 
     parallel.run_on_threads(chunks, threads, worker, "winograd")
-    return y, (x if keep_for_backward else None)
+    return y, ((x, u) if keep_for_backward else None)
 
 
-def conv3x3_backward(grad_y, saved, x_shape, w, need_x=True, need_w=True, chunk_bytes=CHUNK_BYTES):
-    """Gradients of conv3x3_forward: grad_y (N, H, W, Cout) -> (dx (N, H, W, Cin), dw (Cout, 3, 3, Cin)),
-    each None when not needed. `saved` is the object conv3x3_forward returned (x, for dw).
+def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_BYTES):
+    """Gradients of conv3x3_forward: grad_y (N, H, W, Cout) -> (dx (N, H, W, Cin),
+    dw (Cout, 3, 3, Cin)), each None when not needed. `saved` = (x, U), what conv3x3_forward
+    returned with keep_for_backward=True.
 
     Per chunk of images: dM = A dY A^T once, then dU += dM^T @ V (V recomputed from x) and
-    dV = dM @ U, summed back into dx by the adjoint input transform. Each thread accumulates
-    its own dU; dw = G^T (sum of those) G at the end.
+    dV = dM @ U, summed back into dx by the adjoint input transform. Each worker thread
+    accumulates its own dU; dw = G^T (sum of those) G at the end.
     """
     if not (need_x or need_w):
         return None, None
-    if need_w and saved is None:
-        raise ValueError("conv3x3_backward: dw needs the input saved by "
-                         "conv3x3_forward(keep_for_backward=True)")
-    _check_shapes(x_shape, w.shape)
-    n, h, wd, cin = x_shape
-    cout = w.shape[0]
+    if saved is None:
+        raise ValueError("conv3x3_backward: needs what conv3x3_forward(keep_for_backward=True) saved")
+    x, u = saved
+    n, h, wd, cin = x.shape
+    cout = u.shape[1]
     if grad_y.shape != (n, h, wd, cout):
-        raise ValueError(f"conv3x3_backward: grad_y {grad_y.shape} does not match x {tuple(x_shape)} "
-                         f"and w {w.shape}")
-    dtype = _float_dtype(grad_y, w)
-    grad_y, w = np.ascontiguousarray(grad_y, dtype=dtype), np.ascontiguousarray(w, dtype=dtype)
-    x = np.ascontiguousarray(saved, dtype=dtype) if need_w else None
-    u = weight_transform(w) if need_x else None  # (16, Cout, Cin)
-    dx = np.empty(x_shape, dtype=dtype) if need_x else None
+        raise ValueError(f"conv3x3_backward: grad_y {grad_y.shape} does not match x {x.shape} "
+                         f"and {cout} output channels")
+    dtype = _float_dtype(grad_y, u)
+    grad_y = np.ascontiguousarray(grad_y, dtype=dtype)
+    x, u = np.ascontiguousarray(x, dtype=dtype), _position_major(_storage(u).astype(dtype, copy=False))
+    dx = np.empty(x.shape, dtype=dtype) if need_x else None
     threads = parallel.worker_threads()
-    # Each chunk adds a (16, Cout, Cin) partial dU into its thread's sum: keep chunks at least
+    # Each chunk adds a (36, Cout, Cin) partial dU into its thread's sum: keep chunks at least
     # twice that size, or the sums cost more memory traffic than the chunk (8x8, 256 channels).
-    chunk_bytes = max(chunk_bytes, 2 * 16 * cin * cout * grad_y.itemsize) if need_w else chunk_bytes
+    chunk_bytes = max(chunk_bytes, 2 * POSITIONS * cin * cout * grad_y.itemsize) if need_w else chunk_bytes
     chunks = _chunks(n, h, wd, cin + cout, grad_y.itemsize, chunk_bytes, threads)
     max_tiles = max(tiles for _, _, tiles in chunks)
 
     def worker(my_chunks):
-        v_flat = np.empty(16 * max_tiles * cin, dtype=dtype)  # V, then dV
-        m_flat = np.empty(16 * max_tiles * cout, dtype=dtype)
-        du = partial_du = None
+        v_flat = np.empty(POSITIONS * max_tiles * cin, dtype=dtype)  # V, then dV
+        m_flat = np.empty(POSITIONS * max_tiles * cout, dtype=dtype)
+        du = _position_major(np.zeros((cout, POSITIONS, cin), dtype=dtype)) if need_w else None
+        partial_du = np.empty((POSITIONS, cout, cin), dtype=dtype) if need_w else None
         for s, e, tiles in my_chunks:
             dm = output_transform_adjoint(grad_y[s:e], out=_buffer(m_flat, tiles, cout))
             if need_w:
                 v = input_transform(x[s:e], out=_buffer(v_flat, tiles, cin))
-                # 16 GEMMs (Cout, tiles) @ (tiles, Cin); dM[k]^T is a transposed view BLAS reads as is
-                if du is None:
-                    du = np.matmul(dm.transpose(0, 2, 1), v)
-                    partial_du = np.empty_like(du)
-                else:
-                    du += np.matmul(dm.transpose(0, 2, 1), v, out=partial_du)
+                # 36 GEMMs (Cout, tiles) @ (tiles, Cin); dM[k]^T is a transposed view BLAS reads as is
+                du += np.matmul(dm.transpose(0, 2, 1), v, out=partial_du)
             if need_x:
                 dv = np.matmul(dm, u, out=_buffer(v_flat, tiles, cin))  # (tiles, Cout) @ (Cout, Cin)
                 input_transform_adjoint(dv, dx[s:e].shape, out=dx[s:e])
         return du
 
-    partial_dus = parallel.run_on_threads(chunks, threads, worker, "winograd")
-    du, *others = [du for du in partial_dus if du is not None] or [None]
+    du, *others = parallel.run_on_threads(chunks, threads, worker, "winograd")
+    if not need_w:
+        return dx, None
     for partial_du in others:
         du += partial_du
-    return dx, (weight_transform_adjoint(du) if need_w else None)
+    return dx, weight_transform_adjoint(du)
 
 
 # ----------------------------------------------------------------------------- references

@@ -33,7 +33,11 @@ BASE_FLAGS = ["--dataset", "synthetic", "--model", "simpleresnet4bit", "--epochs
 # One full epoch of 32 steps of 64 images (32 per rank), warm-up over the first quarter.
 FULL_EPOCH_FLAGS = ["--dataset", "synthetic", "--model", "simpleresnet4bit", "--epochs", "1", "--batch-size", "64",
                     "--warmup-epochs", "0.25", "--tta", "none", "--no-progress"]
-SYNC_BN_RTOL = 1e-4  # normwise, per tensor; BASE measured 4.9e-7 at worst (see test_sync_bn_...)
+# normwise, per tensor. BASE measured 4.9e-7 at worst with Winograd F(2x2); F(4x4)'s transforms carry
+# more float32 rounding (winograd.py), and the two computations (half batches on 2 ranks, the whole
+# batch in one process) round differently: 1.07e-4 at worst (a batch-norm bias), weights ~1e-5. The
+# per-rank statistics of the default differ by 0.57 (test_default_local_bn_...).
+SYNC_BN_RTOL = 1e-3
 CURVES = ["curves.png"] if importlib.util.find_spec("matplotlib") else []  # written when the plot extra is installed
 
 

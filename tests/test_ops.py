@@ -271,8 +271,8 @@ def test_conv2d_dispatches_to_one_algorithm_whose_context_holds_its_own_state(ca
     assert ctx.algorithm is algorithm and ctx.has_bias == (b is not None)
     saved_x, saved_w = ctx.saved
     assert saved_x.shape == x.shape
-    if algorithm is ops.Winograd3x3:  # the weight itself: backward transforms it
-        np.testing.assert_array_equal(saved_w, w.data)
+    if algorithm is ops.Winograd3x3:  # the transformed weight U, which backward reuses
+        np.testing.assert_array_equal(saved_w, ops.winograd.weight_transform(w.data))
     else:  # the (Cout, KH*KW*Cin) weight matrix of the GEMMs, and the output size
         np.testing.assert_array_equal(saved_w, w.data.reshape(w.shape[0], -1))
         assert ctx.geometry[0] == w.shape and ctx.geometry[1:3] == (stride, pad)

@@ -1,7 +1,8 @@
-"""Winograd F(2x2, 3x3) convolution (nanoq4/winograd.py): every transform kernel against its
-plain-NumPy twin, each twin against the definition of its adjoint, the convolution against the
-direct tap-by-tap reference (itself checked against im2col), and a float64 central-difference
-gradient check. Run with NUMBA_DISABLE_JIT=1 to execute the kernels as Python."""
+"""Winograd F(4x4, 3x3) convolution (nanoq4/winograd.py): every transform kernel against its
+plain-NumPy twin, each twin against the definition of its adjoint, the matrices against the
+one-tile textbook identity, the convolution against the direct tap-by-tap reference (itself
+checked against im2col), its float32 error against float64 at VGG4bit's shapes, and a float64
+central-difference gradient check. Run with NUMBA_DISABLE_JIT=1 to execute the kernels as Python."""
 import threading
 
 import numba
@@ -13,7 +14,8 @@ from nanoq4.tensor import Tensor
 
 DTYPES = [np.float32, np.float64]
 
-# (N, H, W, Cin, Cout): square and non-square, even and odd sizes, 1..64 channels
+# (N, H, W, Cin, Cout): square and non-square, sizes divisible by the 4x4 tile and not (the last
+# tile cropped by 1, 2 or 3 rows or columns), one tile to a grid of tiles, 1..64 channels
 CONV_CASES = [
     (1, 2, 2, 1, 1),
     (3, 4, 4, 3, 16),
@@ -23,13 +25,16 @@ CONV_CASES = [
     (3, 2, 7, 16, 1),
     (1, 5, 8, 3, 3),
     (3, 8, 5, 64, 16),
+    (2, 12, 9, 4, 5),
     (1, 32, 32, 3, 16),
     (3, 32, 32, 16, 3),
     (1, 7, 32, 1, 64),
     (1, 4, 5, 64, 1),
 ]
-# (N, H, W, C) for the transforms alone
-TRANSFORM_SHAPES = [(1, 1, 1, 1), (1, 2, 2, 1), (2, 4, 4, 3), (1, 5, 7, 16), (3, 7, 4, 5), (2, 8, 8, 64)]
+# (N, H, W, C) for the transforms alone: the 12x11 and 13x10 grids have tiles with neighbours on
+# every side
+TRANSFORM_SHAPES = [(1, 1, 1, 1), (1, 2, 2, 1), (2, 4, 4, 3), (1, 5, 7, 16), (3, 7, 4, 5), (2, 8, 8, 64),
+                    (2, 12, 11, 3), (1, 13, 10, 2)]
 
 
 def random(shape, dtype, seed=0):
@@ -58,6 +63,9 @@ def tiles(n, h, w):
     return n * th * tw
 
 
+P = winograd.POSITIONS  # 36 transform positions per 6x6 tile
+
+
 # ----------------------------------------------------------------------------- transforms vs twins
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
@@ -65,14 +73,14 @@ def tiles(n, h, w):
 def test_input_transform_matches_reference(shape, dtype):
     x = random(shape, dtype)
     v = winograd.input_transform(x)
-    assert v.shape == (16, tiles(*shape[:3]), shape[3])
+    assert v.shape == (P, tiles(*shape[:3]), shape[3])
     assert_close_to_scale(v, winograd.input_transform_reference(x), dtype, "V")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("shape", TRANSFORM_SHAPES, ids=str)
 def test_input_transform_adjoint_matches_reference(shape, dtype):
-    dv = random((16, tiles(*shape[:3]), shape[3]), dtype, seed=1)
+    dv = random((P, tiles(*shape[:3]), shape[3]), dtype, seed=1)
     out = np.full(shape, np.nan, dtype=dtype)  # every element must be written
     winograd.input_transform_adjoint(dv, shape, out=out)
     assert_close_to_scale(out, winograd.input_transform_adjoint_reference(dv, shape), dtype, "dx")
@@ -81,7 +89,7 @@ def test_input_transform_adjoint_matches_reference(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("shape", TRANSFORM_SHAPES, ids=str)
 def test_output_transform_matches_reference(shape, dtype):
-    m = random((16, tiles(*shape[:3]), shape[3]), dtype, seed=2)
+    m = random((P, tiles(*shape[:3]), shape[3]), dtype, seed=2)
     y = winograd.output_transform(m, out=np.full(shape, np.nan, dtype=dtype))
     assert_close_to_scale(y, winograd.output_transform_reference(m, shape), dtype, "Y")
 
@@ -99,34 +107,44 @@ def test_output_transform_adjoint_matches_reference(shape, dtype):
 def test_weight_transforms_match_reference(cin, cout, dtype):
     w = random((cout, 3, 3, cin), dtype, seed=4)
     assert_close_to_scale(winograd.weight_transform(w), winograd.weight_transform_reference(w), dtype, "U")
-    du = random((16, cout, cin), dtype, seed=5)
+    du = random((P, cout, cin), dtype, seed=5)
     dw = winograd.weight_transform_adjoint(du)
     assert_close_to_scale(dw, winograd.weight_transform_adjoint_reference(du), dtype, "dw")
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 2, 1), (2, 5, 7, 3), (1, 8, 6, 4)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 2, 1), (2, 5, 7, 3), (1, 8, 6, 4), (1, 13, 9, 2)], ids=str)
 def test_reference_twins_are_adjoint_pairs(shape):
     """<T a, b> == <a, T^T b> for each transform and its adjoint, so backward is the exact
     gradient of forward, independent of how the kernels are written."""
     t = tiles(*shape[:3])
-    x, v = random(shape, np.float64, 6), random((16, t, shape[3]), np.float64, 7)
+    x, v = random(shape, np.float64, 6), random((P, t, shape[3]), np.float64, 7)
     np.testing.assert_allclose(np.vdot(winograd.input_transform_reference(x), v),
                                np.vdot(x, winograd.input_transform_adjoint_reference(v, shape)), rtol=1e-12)
     np.testing.assert_allclose(np.vdot(winograd.output_transform_reference(v, shape), x),
                                np.vdot(v, winograd.output_transform_adjoint_reference(x)), rtol=1e-12)
-    w, u = random((shape[3], 3, 3, 2), np.float64, 8), random((16, shape[3], 2), np.float64, 9)
+    w, u = random((shape[3], 3, 3, 2), np.float64, 8), random((P, shape[3], 2), np.float64, 9)
     np.testing.assert_allclose(np.vdot(winograd.weight_transform_reference(w), u),
                                np.vdot(w, winograd.weight_transform_adjoint_reference(u)), rtol=1e-12)
 
 
+def test_matrices_compute_a_4x4_block_of_the_convolution():
+    """The definition the kernels rest on: for any 6x6 window d and 3x3 kernel g,
+    A^T [(G g G^T) * (B^T d B)] A is the 4x4 'valid' correlation of d with g."""
+    rng = np.random.default_rng(10)
+    d, g = rng.standard_normal((6, 6)), rng.standard_normal((3, 3))
+    y = winograd.AT @ ((winograd.G @ g @ winograd.G.T) * (winograd.BT @ d @ winograd.BT.T)) @ winograd.AT.T
+    direct = np.array([[np.sum(d[i:i + 3, j:j + 3] * g) for j in range(4)] for i in range(4)])
+    np.testing.assert_allclose(y, direct, rtol=1e-12, atol=1e-12)
+
+
 def test_transforms_of_one_tile_are_the_textbook_matrices():
-    """A single 2x2 image: its one tile's V is B^T d B of the zero-padded 4x4 window."""
-    x = np.arange(1.0, 5.0).reshape(1, 2, 2, 1)
+    """A single 4x4 image: its one tile's V is B^T d B of the zero-padded 6x6 window."""
+    x = np.arange(1.0, 17.0).reshape(1, 4, 4, 1)
     d = np.pad(x[0, :, :, 0], 1)
-    v = winograd.input_transform(x)[:, 0, 0].reshape(4, 4)
+    v = winograd.input_transform(x)[:, 0, 0].reshape(6, 6)
     np.testing.assert_allclose(v, winograd.BT @ d @ winograd.BT.T)
     g = np.arange(9.0).reshape(1, 3, 3, 1)
-    u = winograd.weight_transform(g)[:, 0, 0].reshape(4, 4)
+    u = winograd.weight_transform(g)[:, 0, 0].reshape(6, 6)
     np.testing.assert_allclose(u, winograd.G @ g[0, :, :, 0] @ winograd.G.T)
 
 
@@ -146,7 +164,9 @@ def test_forward_matches_reference(case, dtype):
     x, wt = random((n, h, w, cin), dtype), random((cout, 3, 3, cin), dtype, seed=1)
     y, saved = winograd.conv3x3_forward(x, wt)
     assert_close_to_scale(y, winograd.conv3x3_forward_reference(x, wt), dtype, "y")
-    assert saved is not None
+    saved_x, saved_u = saved  # the input and the transformed weights, for backward
+    np.testing.assert_array_equal(saved_x, x)
+    np.testing.assert_array_equal(saved_u, winograd.weight_transform(wt))
     assert winograd.conv3x3_forward(x, wt, keep_for_backward=False)[1] is None
 
 
@@ -156,10 +176,42 @@ def test_backward_matches_reference(case, dtype):
     n, h, w, cin, cout = case
     x, wt, g = operands(n, h, w, cin, cout, dtype)
     _, saved = winograd.conv3x3_forward(x, wt)
-    dx, dw = winograd.conv3x3_backward(g, saved, x.shape, wt)
+    dx, dw = winograd.conv3x3_backward(g, saved)
     dx_ref, dw_ref = winograd.conv3x3_backward_reference(g, x, wt)
     assert_close_to_scale(dx, dx_ref, dtype, "dx")
     assert_close_to_scale(dw, dw_ref, dtype, "dw")
+
+
+# (N, size, Cin, Cout): VGG4bit's widest layers at 32x32 and 8x8
+VGG_SHAPES = [(2, 32, 64, 64), (8, 8, 256, 256)]
+# float32 error bounds there: the largest |error| relative to the largest |value|, and the
+# error's norm relative to the value's norm
+MAX_ERROR_F32, RMS_ERROR_F32 = 5e-5, 1e-5
+
+
+@pytest.mark.parametrize("case", VGG_SHAPES, ids=str)
+def test_float32_error_against_float64_is_small_at_vgg_shapes(case):
+    """The float32 price of F(4x4)'s larger coefficients, bounded: 4-bit weights (a scale times
+    integers -7..7) and ReLU'd activations, as in training, against the float64 direct
+    convolution of the same float32 operands. The bounds are a few times what F(4x4) gives and
+    far below what any wrong coefficient gives (errors of the order of the output itself)."""
+    n, size, cin, cout = case
+    rng = np.random.default_rng(11)
+    x = np.maximum(rng.standard_normal((n, size, size, cin)), 0).astype(np.float32)
+    w = (rng.integers(-7, 8, size=(cout, 3, 3, cin)) / (7 * np.sqrt(9 * cin))).astype(np.float32)
+    g = rng.standard_normal((n, size, size, cout)).astype(np.float32)
+    y, saved = winograd.conv3x3_forward(x, w)
+    dx, dw = winograd.conv3x3_backward(g, saved)
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+    dx_ref, dw_ref = winograd.conv3x3_backward_reference(g64, x64, w64)
+    for name, actual, expected in (("y", y, winograd.conv3x3_forward_reference(x64, w64)),
+                                   ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+        difference = actual.astype(np.float64) - expected
+        largest = float(np.abs(difference).max() / np.abs(expected).max())
+        rms = float(np.linalg.norm(difference) / np.linalg.norm(expected))
+        assert largest <= MAX_ERROR_F32 and rms <= RMS_ERROR_F32, (
+            f"{name}: largest error {largest:.2g} of the output scale (bound {MAX_ERROR_F32}), "
+            f"rms {rms:.2g} (bound {RMS_ERROR_F32})")
 
 
 def test_backward_reference_matches_im2col_conv():
@@ -172,11 +224,12 @@ def test_backward_reference_matches_im2col_conv():
 
 
 def test_gradients_match_central_differences():
-    """float64, every element of x and w: d<y, v>/dθ against (f(θ + eps) - f(θ - eps)) / 2 eps."""
-    x, w = random((2, 3, 5, 2), np.float64), random((3, 3, 3, 2), np.float64, 1)
-    v = random((2, 3, 5, 3), np.float64, 2)
+    """float64, every element of x and w: d<y, v>/dθ against (f(θ + eps) - f(θ - eps)) / 2 eps.
+    6x5 images: a 2x2 grid of tiles, the last row and column of tiles cropped."""
+    x, w = random((2, 6, 5, 2), np.float64), random((3, 3, 3, 2), np.float64, 1)
+    v = random((2, 6, 5, 3), np.float64, 2)
     _, saved = winograd.conv3x3_forward(x, w)
-    dx, dw = winograd.conv3x3_backward(v, saved, x.shape, w)
+    dx, dw = winograd.conv3x3_backward(v, saved)
     eps = 1e-6
     for name, param, analytic in (("x", x, dx), ("w", w, dw)):
         numeric = np.empty_like(param)
@@ -195,23 +248,61 @@ def test_backward_skips_unneeded_gradients():
     x, w, g = operands(2, 4, 4, 3, 5, np.float32)
     _, saved = winograd.conv3x3_forward(x, w)
     dx_ref, dw_ref = winograd.conv3x3_backward_reference(g, x, w)
-    dx, dw = winograd.conv3x3_backward(g, saved, x.shape, w, need_w=False)
+    dx, dw = winograd.conv3x3_backward(g, saved, need_w=False)
     assert dw is None
     assert_close_to_scale(dx, dx_ref, np.float32, "dx only")
-    dx, dw = winograd.conv3x3_backward(g, saved, x.shape, w, need_x=False)
+    dx, dw = winograd.conv3x3_backward(g, saved, need_x=False)
     assert dx is None
     assert_close_to_scale(dw, dw_ref, np.float32, "dw only")
-    dx, dw = winograd.conv3x3_backward(g, None, x.shape, w, need_w=False)  # dx needs nothing saved
-    assert_close_to_scale(dx, dx_ref, np.float32, "dx without saved input")
+    assert winograd.conv3x3_backward(g, saved, need_x=False, need_w=False) == (None, None)
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 16 * 4 * 3 * 8 * 2, 1 << 30],
+def test_backward_reuses_the_transformed_weights_of_forward(monkeypatch):
+    """dx = ... dM @ U with forward's U: backward never transforms w again."""
+    x, w, g = operands(2, 5, 6, 3, 4)
+    _, saved = winograd.conv3x3_forward(x, w)
+
+    def no_weight_transform(w):
+        raise AssertionError("backward must reuse U from forward")
+    monkeypatch.setattr(winograd, "weight_transform", no_weight_transform)
+    dx, dw = winograd.conv3x3_backward(g, saved)
+    dx_ref, dw_ref = winograd.conv3x3_backward_reference(g, x, w)
+    assert_close_to_scale(dx, dx_ref, np.float64, "dx")
+    assert_close_to_scale(dw, dw_ref, np.float64, "dw")
+
+
+def test_backward_chunks_hold_twice_the_partial_du(monkeypatch):
+    """Every chunk's partial dU (36, Cout, Cin) is added into its worker's sum, so when dw is
+    needed backward's chunks hold at least twice those bytes (the sums stay a small share of the
+    memory traffic); for dx alone the chunks stay as small as asked."""
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
+    seen = []
+    run = parallel.run_on_threads
+    monkeypatch.setattr(parallel, "run_on_threads",
+                        lambda chunks, threads, worker, name="worker": seen.append(chunks) or
+                        run(chunks, threads, worker, name))
+    n, cin, cout = 64, 16, 16
+    x, w, g = operands(n, 4, 4, cin, cout)  # one tile per image
+    _, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
+    image_bytes, partial_bytes = P * (cin + cout) * 8, P * cout * cin * 8
+    seen.clear()
+    _, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
+    (chunks,) = seen
+    assert len(chunks) > 1 and all((e - s) * image_bytes >= 2 * partial_bytes for s, e, _ in chunks[:-1])
+    assert_close_to_scale(dw, winograd.conv3x3_backward_reference(g, x, w)[1], np.float64, "dw")
+    seen.clear()
+    winograd.conv3x3_backward(g, saved, need_w=False, chunk_bytes=1)
+    assert [e - s for s, e, _ in seen[0]] == [1] * n
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, P * 1 * 3 * 8 * 2, 1 << 30],
                          ids=["one image", "two images", "one chunk"])
-def test_result_does_not_depend_on_the_chunking(chunk_bytes):
+def test_result_does_not_depend_on_the_chunking(monkeypatch, chunk_bytes):
     """Chunks of images (including a short last chunk) give the same y, dx and dw as one chunk."""
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)  # chunks of 1 tile per 4x4 image allowed
     x, w, g = operands(5, 4, 4, 2, 1)
     y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=chunk_bytes)
-    dx, dw = winograd.conv3x3_backward(g, saved, x.shape, w, chunk_bytes=chunk_bytes)
+    dx, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=chunk_bytes)
     dx_ref, dw_ref = winograd.conv3x3_backward_reference(g, x, w)
     assert_close_to_scale(y, winograd.conv3x3_forward_reference(x, w), np.float64, "y")
     assert_close_to_scale(dx, dx_ref, np.float64, "dx")
@@ -221,14 +312,15 @@ def test_result_does_not_depend_on_the_chunking(chunk_bytes):
 def test_threaded_and_sequential_chunks_agree(monkeypatch):
     """The chunks run on several threads when BLAS can be held to one thread per call, else one
     after another on the caller's thread: same y, dx and dw either way."""
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
     x, w, g = operands(6, 4, 6, 3, 2)
-    small = 16 * 6 * 5 * 8  # bytes of one image's V + M: one chunk per image
+    small = P * 2 * 5 * 8  # bytes of one image's V + M (2 tiles, 3 + 2 channels): one chunk per image
     y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=small)
-    dx, dw = winograd.conv3x3_backward(g, saved, x.shape, w, chunk_bytes=small)
+    dx, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=small)
     monkeypatch.setattr(parallel, "blas_available", lambda: False)  # as if BLAS were not OpenBLAS
     assert parallel.worker_threads() == 1
     y1, saved1 = winograd.conv3x3_forward(x, w, chunk_bytes=small)
-    dx1, dw1 = winograd.conv3x3_backward(g, saved1, x.shape, w, chunk_bytes=small)
+    dx1, dw1 = winograd.conv3x3_backward(g, saved1, chunk_bytes=small)
     for name, a, b in (("y", y, y1), ("dx", dx, dx1), ("dw", dw, dw1)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
 
@@ -256,7 +348,7 @@ def test_blas_is_held_to_one_thread_inside_the_workers_and_restored_after(monkey
     before = parallel.get_blas_threads()
     x, w = random((4, 8, 8, 8), np.float32), random((8, 3, 3, 8), np.float32, 1)
     y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
-    winograd.conv3x3_backward(y, saved, x.shape, w, chunk_bytes=1)
+    winograd.conv3x3_backward(y, saved, chunk_bytes=1)
     assert seen and set(seen) == {1}
     assert parallel.get_blas_threads() == before
 
@@ -267,23 +359,49 @@ def test_chunks_cover_the_batch_and_feed_every_thread():
         assert [s for s, _, _ in chunks] == sorted(s for s, _, _ in chunks) and chunks[0][0] == 0
         assert all(e == s2 for (_, e, _), (s2, _, _) in zip(chunks, chunks[1:])) and chunks[-1][1] == n
         assert len(chunks) >= min(n, threads), f"{n} images, {threads} threads: {len(chunks)} chunks"
-        assert all(tiles == (e - s) * 16 for s, e, tiles in chunks)
+        assert all(tiles == (e - s) * 4 for s, e, tiles in chunks), "an 8x8 image is 2x2 tiles"
+
+
+def test_chunks_hold_enough_tiles_for_the_gemms():
+    """However small chunk_bytes, a chunk gets MIN_CHUNK_TILES tiles when the batch has them
+    (GEMM rows), unless that would leave a thread without a chunk."""
+    for h, n in ((32, 128), (16, 128), (8, 128), (8, 1024)):
+        chunks = winograd._chunks(n, h, h, 128, 4, 1, threads=2)
+        per_thread = -(-n // 2) * (h // 4) ** 2
+        assert all(tiles >= min(winograd.MIN_CHUNK_TILES, per_thread) for _, e, tiles in chunks[:-1]), \
+            f"{h}x{h}, batch {n}: {[tiles for *_, tiles in chunks]}"
 
 
 def test_float32_stays_float32():
     x, w = random((1, 4, 4, 3), np.float32), random((2, 3, 3, 3), np.float32, 1)
     y, saved = winograd.conv3x3_forward(x, w)
-    dx, dw = winograd.conv3x3_backward(np.ones_like(y), saved, x.shape, w)
+    dx, dw = winograd.conv3x3_backward(np.ones_like(y), saved)
     assert (y.dtype, dx.dtype, dw.dtype) == (np.float32,) * 3
 
 
-def test_gemm_operands_are_contiguous_matrices():
-    """np.matmul copies a stacked operand whose 2-D slices BLAS cannot read in place; the
-    scratch views are C-contiguous (16, T, C), V^T and U^T are their exact transposes."""
-    v = winograd._buffer(np.empty(16 * 10 * 3 + 7), 10, 3)
-    assert v.flags.c_contiguous and v.shape == (16, 10, 3)
-    assert all(v[k].flags.c_contiguous and v[k].transpose().flags.f_contiguous for k in range(16))
-    assert winograd.input_transform(random((2, 3, 4, 3), np.float32)).flags.c_contiguous
+def test_gemm_operands_are_matrices_blas_reads_in_place():
+    """np.matmul copies a stacked operand whose 2-D slices BLAS cannot read in place: the scratch
+    views are (36, T, C) views of (T, 36, C) storage, so every V[k] has unit column stride and
+    row stride 36 * C, and V[k]^T is its exact transpose; the transforms return the same views."""
+    flat = np.empty(P * 10 * 3 + 7)
+    v = winograd._buffer(flat, 10, 3)
+    assert v.shape == (P, 10, 3) and v.transpose(1, 0, 2).flags.c_contiguous
+    assert np.shares_memory(v, flat) and v.transpose(1, 0, 2).base is not None
+    assert all(v[k].strides == (P * 3 * 8, 8) and v[k].transpose().strides == (8, P * 3 * 8) for k in range(P))
+    for made in (winograd.input_transform(random((2, 3, 4, 3), np.float32)),
+                 winograd.output_transform_adjoint(random((2, 3, 4, 3), np.float32)),
+                 winograd.weight_transform(random((2, 3, 3, 3), np.float32))):
+        assert made.transpose(1, 0, 2).flags.c_contiguous
+
+
+def test_transforms_refuse_an_out_they_cannot_write_in_place():
+    """A kernel writes (T, 36, C) storage; a plain (36, T, C) array as `out` would come back
+    silently unwritten if it were copied, so it is refused."""
+    x = random((1, 8, 4, 3), np.float32)  # 2 tiles
+    with pytest.raises(ValueError, match="out"):
+        winograd.input_transform(x, out=np.empty((P, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="out"):
+        winograd.output_transform_adjoint(x, out=np.empty((P, 2, 3), np.float32))
 
 
 def test_invalid_arguments_are_refused():
@@ -295,6 +413,7 @@ def test_invalid_arguments_are_refused():
     with pytest.raises(ValueError, match="float32 or float64"):
         winograd.conv3x3_forward(x.astype(np.int32), w.astype(np.int32))
     with pytest.raises(ValueError, match="saved"):
-        winograd.conv3x3_backward(np.zeros((1, 4, 4, 2), np.float32), None, x.shape, w)
+        winograd.conv3x3_backward(np.zeros((1, 4, 4, 2), np.float32), None)
+    _, saved = winograd.conv3x3_forward(x, w)
     with pytest.raises(ValueError, match="grad_y"):
-        winograd.conv3x3_backward(np.zeros((1, 4, 4, 5), np.float32), x, x.shape, w)
+        winograd.conv3x3_backward(np.zeros((1, 4, 4, 5), np.float32), saved)
