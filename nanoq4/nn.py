@@ -255,6 +255,14 @@ class BatchNorm1d(_BatchNorm):
     expected_ndim = 2
 
 
+def set_batch_norm_momentum(model, momentum):
+    """Every batch norm's running statistics move by `momentum` (PyTorch's convention: the batch's
+    share, running <- (1 - momentum) * running + momentum * batch) at each training forward."""
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.momentum = momentum
+
+
 def reestimate_batch_norm(model, batches):
     """Set every batch norm's running statistics to the plain average over `batches` (model inputs)
     of the batch mean and unbiased batch variance, as PyTorch's momentum=None: training-mode

@@ -176,6 +176,20 @@ def test_batch_norm_module_eval_uses_running_stats():
     np.testing.assert_array_equal(bn.running_mean, running_mean)
 
 
+def test_set_batch_norm_momentum_reaches_every_batch_norm_and_its_update():
+    """airbench's fast momentum 0.4: running <- 0.6 * running + 0.4 * batch, in every batch norm."""
+    model = small_cnn()
+    nn.set_batch_norm_momentum(model, 0.4)
+    assert (model[1].momentum, model[5].momentum) == (0.4, 0.4)
+    bn = nn.Sequential(nn.BatchNorm2d(3))
+    nn.set_batch_norm_momentum(bn, 0.4)
+    x = images(n=8, size=4, seed=3)
+    bn(x)
+    x2 = x.data.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(bn[0].running_mean, 0.4 * x2.mean(axis=0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(bn[0].running_var, 0.6 + 0.4 * x2.var(axis=0, ddof=1), rtol=1e-5)
+
+
 def test_batch_norm_rejects_the_wrong_rank():
     with pytest.raises(ValueError, match="4-D"):
         nn.BatchNorm2d(3)(Tensor(np.ones((4, 3), np.float32)))
