@@ -181,6 +181,7 @@ class Lookahead:
             self.sync(lookahead_decay(step, self.total_steps, self.every, self.decay_per_step))
 
     def sync(self, decay):
+        """slow <- decay * slow + (1 - decay) * fast, then fast <- slow; the first sync only takes the copy."""
         fast = self.model.state_dict()
         if self.slow is None:
             self.slow = fast

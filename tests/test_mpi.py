@@ -183,6 +183,22 @@ def test_bn_reestimate_with_per_rank_batch_norm_leaves_every_rank_the_same_stati
     assert all(np.array_equal(saved[k], rank0[k]) for k in rank0.files)
 
 
+def test_lookahead_on_2_ranks_averages_the_same_weights_on_every_rank(mpiexec, tmp_path):
+    """Every rank holds the same weights and statistics, so the slow copies agree (check_same covers them
+    at each epoch end): the ranks end bit-identical, on the averaged weights the checkpoint holds."""
+    flags = BASE_FLAGS + ["--lookahead", "2", "--bn-reestimate", "2", "--out", "run"]
+    result = run_ranks(mpiexec, tmp_path, flags, ["--dump", "dump"])
+    assert result.returncode == 0, report(result)
+    assert "weights averaged (lookahead every 2 steps)" in result.stdout
+    rank0, rank1 = (np.load(tmp_path / "dump" / f"rank{r}.npz") for r in (0, 1))
+    differing = [k for k in rank0.files if not np.array_equal(rank0[k], rank1[k])]
+    assert not differing, f"ranks 0 and 1 differ in {differing}"
+    ckpt = export.load_checkpoint(tmp_path / "run" / "checkpoint.ckpt")
+    assert all(np.array_equal(ckpt["model"][k], rank0[k]) for k in rank0.files)
+    parameters = [k for k in rank0.files if not k.endswith(("running_mean", "running_var"))]
+    assert all(np.array_equal(ckpt["lookahead"][k], rank0[k]) for k in parameters), "not the averaged weights"
+
+
 def test_the_checkpoint_holds_the_weights_of_the_ranks(full_epoch_run):
     rank0 = np.load(full_epoch_run / "dump" / "rank0.npz")
     saved = weights(full_epoch_run / "run")
