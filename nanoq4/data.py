@@ -32,6 +32,7 @@ CROP_PADDING = 4  # pixels of zero padding around each image before the random c
 DOWNLOAD_TIMEOUT_S = 20
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DATASET_CHOICES = "cifar10, cifar100, synthetic or folder:PATH"
+FLIP_MODES = ("random", "alternate")  # how the augmentation's horizontal flips are drawn (see alternating_flips)
 
 
 @dataclass
@@ -516,12 +517,23 @@ def augment_batch_reference(images, index, oy, ox, flip, table, pad):
     return table[np.arange(3), crops]
 
 
+def alternating_flips(seed, epoch, n):
+    """Whether each of n images (by index) is mirrored in `epoch` under airbench's alternating
+    flip: a random half in epoch 0, then each image the other way from the epoch before, so any
+    two consecutive epochs show every image both ways (random flips repeat a view half the time).
+    A function of (seed, epoch, index) alone: a resumed run and every data-parallel rank agree."""
+    # entropy (seed, 0, 1): a stream apart from every epoch's (seed, epoch), which numpy pads with zeros
+    first = np.random.default_rng([seed, 0, 1]).random(n) < 0.5
+    return first ^ bool(epoch % 2)
+
+
 # ---------------------------------------------------------------- batches
 
 class BatchLoader:
     """Yields (x float32 (B, H, W, 3) C-contiguous, y int64 (B,)) over one epoch. The order,
     crop offsets and flips depend only on (seed, epoch), so runs repeat exactly whatever the
-    thread count. Each batch is a fresh array, so a kept batch is never overwritten.
+    thread count. Each batch is a fresh array, so a kept batch is never overwritten. `flip`:
+    "random" mirrors each image with probability 0.5 every epoch, "alternate" as alternating_flips.
 
     Data-parallel training: with `shards` > 1 the loader yields shard `shard` of each (global)
     batch of `batch_size` images, a contiguous slice; the shards of one batch are disjoint and
@@ -529,7 +541,7 @@ class BatchLoader:
     batch too small to give every shard 2 images (batch norm needs 2) is left out."""
 
     def __init__(self, x, y, batch_size, mean, std, augment=False, shuffle=False, seed=0,
-                 drop_last=False, prefetch=False, shard=0, shards=1):
+                 drop_last=False, prefetch=False, shard=0, shards=1, flip="random"):
         x = np.ascontiguousarray(x)
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or len(x) == 0:
             raise NanoQ4Error(f"images must be uint8 (N, H, W, 3) with N > 0, "
@@ -541,11 +553,13 @@ class BatchLoader:
             raise NanoQ4Error(f"batch_size must be >= 1 and seed >= 0, got {batch_size}, {seed}")
         if not 0 <= int(shard) < int(shards):
             raise NanoQ4Error(f"shard must lie in 0..shards-1, got shard {shard} of {shards}")
+        if flip not in FLIP_MODES:
+            raise NanoQ4Error(f"unknown flip mode {flip!r}; choose {' or '.join(FLIP_MODES)}")
         self.x, self.y = x, y
         self.shard, self.shards = int(shard), int(shards)
         self.batch_size = int(batch_size)
         self.table = normalization_table(mean, std)
-        self.augment, self.shuffle, self.drop_last = augment, shuffle, drop_last
+        self.augment, self.shuffle, self.drop_last, self.flip = augment, shuffle, drop_last, flip
         self.prefetch = prefetch
         self.seed = int(seed)
         self.epoch = 0
@@ -574,7 +588,10 @@ class BatchLoader:
         if self.augment:
             oy = rng.integers(0, 2 * CROP_PADDING + 1, n)
             ox = rng.integers(0, 2 * CROP_PADDING + 1, n)
-            flip = rng.random(n) < 0.5
+            if self.flip == "random":
+                flip = rng.random(n) < 0.5
+            else:  # drawn per image, then put in this epoch's order
+                flip = alternating_flips(self.seed, self.epoch, n)[order]
         else:  # the centre crop of the padded image is the image itself
             oy = ox = np.full(n, CROP_PADDING, dtype=np.int64)
             flip = np.zeros(n, dtype=np.bool_)

@@ -156,6 +156,9 @@ class SingleProcess:
     def check_same(self, arrays, when, hint):
         pass
 
+    def average(self, arrays):
+        pass
+
 
 class MPIGroup:
     """All ranks of an mpiexec launch (MPI.COMM_WORLD). Collectives on buffers use mpi4py's
@@ -264,6 +267,17 @@ class MPIGroup:
         """Elementwise sum over the ranks of a float64 array, in place (evaluation totals)."""
         self.comm.Allreduce(self.mpi.IN_PLACE, values, op=self.mpi.SUM)
         return values
+
+    def average(self, arrays):
+        """Each array replaced in place by its mean over the ranks (re-estimated per-rank batch-norm
+        statistics), summed in float64 by one Allreduce."""
+        flat = np.concatenate([a.ravel() for a in arrays]).astype(np.float64)
+        self.comm.Allreduce(self.mpi.IN_PLACE, flat, op=self.mpi.SUM)
+        flat /= self.size
+        start = 0
+        for a in arrays:
+            a[...] = flat[start:start + a.size].reshape(a.shape)
+            start += a.size
 
     # ------------------------------------------------------------------ the end of a run
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import ops, profile, quant
 from .errors import NanoQ4Error
-from .tensor import Function, Tensor
+from .tensor import Function, Tensor, no_grad
 
 _rng = np.random.default_rng(0)
 
@@ -253,6 +253,41 @@ class BatchNorm2d(_BatchNorm):
 
 class BatchNorm1d(_BatchNorm):
     expected_ndim = 2
+
+
+def set_batch_norm_momentum(model, momentum):
+    """Every batch norm's running statistics move by `momentum` (PyTorch's convention: the batch's
+    share, running <- (1 - momentum) * running + momentum * batch) at each training forward."""
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.momentum = momentum
+
+
+def reestimate_batch_norm(model, batches):
+    """Set every batch norm's running statistics to the plain average over `batches` (model inputs)
+    of the batch mean and unbiased batch variance, as PyTorch's momentum=None: training-mode
+    forwards, no gradients, dropout off -> the number of batches. Why: 4-bit weights oscillate
+    between grid levels up to the last step, so the running averages mix statistics of weights the
+    exported model no longer has (Nagel et al. 2022)."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [bn.momentum for bn in norms]
+    model.eval()
+    for bn in norms:
+        bn.training = True
+    count = 0
+    try:
+        with no_grad():
+            for count, x in enumerate(batches, 1):
+                for bn in norms:  # running <- running + (batch - running) / count: the mean of the batches so far
+                    bn.momentum = 1.0 / count
+                model(Tensor(x))
+    finally:
+        for m, training in modes:
+            m.training = training
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+    return count
 
 
 class ReLU(Module):

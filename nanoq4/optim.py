@@ -1,6 +1,6 @@
 """Optimizers (SGD with momentum/Nesterov, AdamW), gradient-norm clipping, post-step hooks
-(the paper's tanh soft clip of quantized weights plugs in here) and learning-rate schedules
-as plain functions of the step.
+(the paper's tanh soft clip of quantized weights plugs in here), learning-rate schedules
+as plain functions of the step, and Lookahead weight averaging.
 
 Parameter groups are dicts {"params": [...], "weight_decay": float}; `param_groups` builds the
 usual two: weights with decay, biases and BatchNorm parameters (1-D tensors) without.
@@ -132,6 +132,82 @@ class TanhSoftClip:
             if getattr(p, "quantized", False):
                 a = quant.rms_alpha(p.data, self.relative_k) if self.relative_k else self.alpha
                 quant.tanh_soft_clip_(p.data, a)
+
+
+# ----------------------------------------------------------------------------- weight averaging
+
+LOOKAHEAD_RAMP = 3  # the decay grows as (step / total steps) ** 3: early weights are soon forgotten
+
+
+def lookahead_decay(step, total_steps, every, decay_per_step):
+    """airbench's schedule: the share of the slow copy kept at the sync after `step` steps,
+    decay_per_step ** every (the per-step decay over the steps since the last sync) times
+    (step / total_steps) ** 3: almost no averaging early on, decay_per_step ** every at the end."""
+    return decay_per_step ** every * (step / total_steps) ** LOOKAHEAD_RAMP
+
+
+class Lookahead:
+    """Weight averaging as airbench does it (Lookahead, Zhang et al. 2019, with a ramped decay): every
+    `every` steps a slow copy of the model's state moves towards the trained ("fast") weights,
+    slow <- decay * slow + (1 - decay) * fast with decay = lookahead_decay(step, ...), and the fast
+    weights are set to it; write_back() puts the slow copy into the model for good.
+
+    The state is every parameter (the latent float weights that each forward fake-quantizes, biases,
+    batch-norm affine) and every buffer (batch-norm running statistics), by state-dict name. The slow
+    copy starts as the state after the first `every` steps (airbench starts it at the initial weights,
+    which its first sync, at decay ~ (every/total)^3, all but forgets); so every value it ever averages
+    has been through the optimizer's post-step hooks.
+
+    Tanh soft clip: each sync makes every element a convex combination of two values bounded by alpha
+    (|w| <= alpha after each step's clip), so |w| <= alpha still holds; the combination is computed in
+    float64 and rounded to float32 once, and that rounding cannot carry it past the larger of the two
+    float32 magnitudes (float64's error is far below half a float32 ulp). The clip is not applied
+    again: it is not idempotent (a*tanh(w/a) < w for w > 0), so an extra pass would shrink the weights
+    at every sync and the model would no longer hold the average. (With a relative alpha, k * RMS per
+    tensor, the bound moves with the weights and the hook sets it anew at every step: there is no
+    bound between steps to keep.)
+
+    The optimizer's momentum buffers are left alone, as airbench does: they estimate the recent
+    gradient direction, which still holds at the nearby slow point, and resetting them would restart
+    the momentum's warm-up after every sync."""
+
+    def __init__(self, model, every, decay_per_step, total_steps):
+        self.model, self.every, self.decay_per_step, self.total_steps = model, every, decay_per_step, total_steps
+        self.slow = None  # name -> float32 array, from the first sync on
+
+    def after_step(self, step):
+        """Call after the optimizer's `step`-th step (counted from 1 over the run)."""
+        if step % self.every == 0:
+            self.sync(lookahead_decay(step, self.total_steps, self.every, self.decay_per_step))
+
+    def sync(self, decay):
+        """slow <- decay * slow + (1 - decay) * fast, then fast <- slow; the first sync only takes the copy."""
+        fast = self.model.state_dict()
+        if self.slow is None:
+            self.slow = fast
+            return
+        for name, slow in self.slow.items():
+            slow[...] = decay * slow.astype(np.float64) + (1.0 - decay) * fast[name].astype(np.float64)
+        self.model.load_state_dict(self.slow)
+
+    def write_back(self):
+        """The model's state becomes the slow copy (the averaged weights); nothing before the first sync."""
+        if self.slow is not None:
+            self.model.load_state_dict(self.slow)
+
+    def state_dict(self):
+        """The slow copy (copies of its arrays) or None before the first sync."""
+        return None if self.slow is None else {name: a.copy() for name, a in self.slow.items()}
+
+    def load_state_dict(self, state):
+        """A slow copy saved by state_dict (None: none yet), refused when it does not fit the model."""
+        if state is None:
+            self.slow = None
+            return
+        fast = self.model.state_dict()
+        if list(state) != list(fast) or any(np.shape(state[k]) != fast[k].shape for k in fast):
+            raise ValueError("the averaged weights do not match the model")
+        self.slow = {name: np.array(state[name], dtype=fast[name].dtype) for name in fast}
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -145,6 +145,14 @@ def final_report(history, cfg, float_bytes, file_bytes, seconds, model_path):
     if "test_acc_tta" in final:
         final_line = (f"FINAL test accuracy (epoch {final['epoch']}): {final['test_acc_tta']:.2%} with test-time "
                       f"augmentation {final.get('tta', cfg.tta)} ({final['test_acc']:.2%} without)")
+    averaged = final.get("lookahead")
+    if averaged:
+        final_line += (f"\nweights averaged (lookahead every {averaged['every']} steps): test accuracy without "
+                       f"augmentation {averaged['test_acc_before']:.2%} with the last trained weights")
+    reestimated = final.get("bn_reestimate")
+    if reestimated:
+        final_line += (f"\nbatch-norm statistics re-estimated over {reestimated['batches']} training batches with the "
+                       f"final weights (test accuracy without augmentation {reestimated['test_acc_before']:.2%} before)")
     return (f"{final_line}\n"
             f"best epoch {best['epoch']}: {best['test_acc']:.2%} (selected on the test set: not an unbiased estimate)\n"
             f"model size: float32 {float_bytes / 2**20:.2f} MiB, int{cfg.bits} file {file_bytes / 2**20:.2f} MiB "

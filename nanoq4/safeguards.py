@@ -31,6 +31,10 @@ NUMERIC_DOMAINS = (
     ("label_smoothing", False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
     ("dropout", False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
     ("seed", True, False, lambda v: v >= 0, ">= 0"),
+    ("bn_reestimate", True, False, lambda v: v >= 0, ">= 0 (0: off)"),
+    ("lookahead", True, False, lambda v: v >= 0, ">= 0 (0: off)"),
+    ("lookahead_decay", False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("bn_momentum", False, False, lambda v: 0 < v <= 1, "in (0, 1]"),
     ("threads", True, True, lambda v: 1 <= v <= available_cores(), "from 1 to {cores} (the cores available)"),
     ("max_steps_per_epoch", True, True, lambda v: v >= 1, ">= 1"),
     ("divergence_factor", False, False, lambda v: v == 0 or v > 1, "0 (no divergence stop) or > 1"),
@@ -138,7 +142,8 @@ def check_resumable(path, checkpoint):
     if missing or not isinstance(checkpoint["config"], dict):
         raise NanoQ4Error(f"checkpoint {path} does not hold a training state (missing "
                           f"{', '.join(missing) or 'config'}); it cannot be resumed")
-    broken = [k for k in ("model", "optimizer", "history", "partial") if not all_finite(checkpoint[k])]
+    broken = [k for k in ("model", "optimizer", "history", "partial", "lookahead")
+              if not all_finite(checkpoint.get(k))]
     if broken:
         raise NanoQ4Error(f"checkpoint {path} holds non-finite values ({', '.join(broken)}) and cannot be "
                           f"resumed; start again with a lower --lr")

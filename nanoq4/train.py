@@ -5,10 +5,13 @@ place), the building blocks (optimizer, schedule, evaluation), setup() and the t
 train(), then the command line, whose flags are generated from TrainConfig.
 
 One step = forward -> cross-entropy -> backward -> optional gradient-norm clip -> SGD/AdamW step
--> tanh soft clip of the quantized weights (an optimizer hook). After each epoch: test accuracy,
-grid statistics of every quantized layer, a checkpoint and the run folder's metrics and curves
-(runlog.py). The final model is also evaluated with test-time augmentation (--tta), exported as a
-packed int4 file (model.nq4), and the FINAL epoch's test accuracy is reported.
+-> tanh soft clip of the quantized weights (an optimizer hook) -> with --lookahead K, every K steps,
+the weight-averaging sync (optim.Lookahead). After each epoch: test accuracy, grid statistics of
+every quantized layer, a checkpoint and the run folder's metrics and curves (runlog.py). After the
+last epoch --lookahead first writes the averaged weights into the model, and --bn-reestimate N
+recomputes the batch-norm statistics with the final weights; the final model is also evaluated with
+test-time augmentation (--tta), exported as a packed int4 file (model.nq4), and the FINAL epoch's
+test accuracy is reported.
 
 Never losing a run (safeguards.py): every setting is checked before any work starts; a folder that
 holds a run is not overwritten without --overwrite; a checkpoint is only replaced by one whose
@@ -22,6 +25,7 @@ alone prints and writes files; without mpiexec nothing of this runs.
 """
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import shlex
@@ -55,6 +59,8 @@ RUN_ENVIRONMENT = ("out", "resume", "threads", "overwrite", "allow_changes")
 # with: such a checkpoint's config lacks "dropout", and its lr None meant the old sgd default.
 LEGACY_SETTINGS = dict(dropout=0.5, tta="none")
 LEGACY_SGD_LR = 0.05
+# what every checkpoint without them trained with
+ADDED_SETTINGS = dict(flip="random", bn_reestimate=0, lookahead=0, lookahead_decay=0.95, bn_momentum=0.1)
 
 
 # ----------------------------------------------------------------------------- the settings
@@ -99,7 +105,27 @@ class TrainConfig:
     tta: str = setting("flip-translate", "test-time augmentation of the final evaluation: none, flip (2 views) or "
                                          "flip-translate (6 views); the plain accuracy is always reported too",
                        choices=TTA_MODES)
+    bn_reestimate: int = setting(0, "after the last epoch, before the final evaluation and the export: set the "
+                                    "batch-norm statistics to their average over this many training batches (the "
+                                    "last epoch's first ones) computed with the final weights, quantized as in "
+                                    "training, instead of the running averages (Nagel et al. 2022); 0: off", metavar="BATCHES")
+    lookahead: int = setting(0, "weight averaging (airbench's Lookahead): every this many steps a slow copy of every "
+                                "weight, bias and batch-norm statistic moves towards the trained weights (see "
+                                "--lookahead-decay) and training goes on from it; the final model (evaluated, "
+                                "checkpointed, exported) is the slow copy. Recommended with --bn-reestimate N (e.g. "
+                                "50), so that the exported batch-norm statistics are those of the averaged weights, "
+                                "and airbench's --bn-momentum 0.4; airbench syncs every 5 steps; 0: off",
+                             metavar="STEPS")
+    lookahead_decay: float = setting(0.95, "with --lookahead K: the slow copy's decay per step; the sync after step s "
+                                           "of a run of S steps keeps DECAY**K * (s/S)**3 of the slow copy and takes "
+                                           "the rest from the trained weights (airbench's 0.95)", metavar="DECAY")
+    bn_momentum: float = setting(0.1, "batch-norm running statistics: the share of each training batch's statistics "
+                                      "in the running averages (PyTorch's momentum); airbench's 0.4 follows the latest "
+                                      "weights faster (e.g. after a --lookahead sync)")
     augment: bool = setting(True, "disable random crop (zero padding 4) + horizontal flip")
+    flip: str = setting("random", "horizontal flips of the augmentation: random (each image with probability 0.5, "
+                                  "every epoch) or alternate (airbench: a random half in epoch 1, then each image "
+                                  "the other way from the epoch before)", choices=data.FLIP_MODES)
     coarse: bool = setting(False, "CIFAR-100: the 20 coarse labels")
     seed: int = setting(0, "random seed of the weights, the data order, the augmentation and dropout")
     data_dir: str = setting(None, "data folder (default $NANOQ4_DATA, else ./data)")
@@ -148,6 +174,8 @@ def validate(cfg):
         raise NanoQ4Error(f"unknown schedule {cfg.schedule!r}; choose onecycle, cosine or constant")
     if cfg.tta not in TTA_MODES:
         raise NanoQ4Error(f"unknown --tta {cfg.tta!r}; choose one of: {', '.join(TTA_MODES)}")
+    if cfg.flip not in data.FLIP_MODES:
+        raise NanoQ4Error(f"unknown --flip {cfg.flip!r}; choose {' or '.join(data.FLIP_MODES)}")
     data.check_dataset_spec(cfg.dataset, cfg.coarse)
     for name in ("out", "resume", "data_dir"):
         value = getattr(cfg, name)
@@ -164,6 +192,7 @@ def resumed_config(cfg, saved, given=None):
     the others unless cfg.allow_changes. -> (config, {name: (checkpoint's, new)} allowed changes)."""
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     given = set(names if given is None else given)
+    saved = {**ADDED_SETTINGS, **saved}
     if "dropout" not in saved:  # written before this setting existed: the values it trained with
         saved = {**LEGACY_SETTINGS, **saved}
         if saved.get("lr") is None and saved.get("optimizer", "sgd") == "sgd":
@@ -273,6 +302,7 @@ class Run:
     steps_per_epoch: int
     schedule: object                     # step -> learning rate
     warmup: int                          # warm-up steps
+    lookahead: object                    # optim.Lookahead (--lookahead), or None
     watch: safeguards.DivergenceWatch
     gradient_sum: object                 # the one Allreduce per step under mpiexec; None for one process
     history: list                        # one record per finished epoch
@@ -312,8 +342,10 @@ class Run:
         state = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(), rng=nn.get_rng_state(),
                      history=self.history, prev_codes=self.prev_codes, epoch=epoch, batch=batch, partial=running,
                      divergence=self.watch.state(), config=dataclasses.asdict(self.cfg))
+        if self.lookahead:
+            state["lookahead"] = self.lookahead.state_dict()
         self.check_finite(when, weights=state["model"], optimizer_state=state["optimizer"], metrics=self.history,
-                          running_loss=running)
+                          running_loss=running, averaged_weights=state.get("lookahead"))
         if self.watch.loss_above_limit():
             self.say(f"checkpoint not updated {when}: {self.watch.loss_report()}; kept {self.last_good or 'none'}")
             return False
@@ -397,6 +429,7 @@ def setup(cfg, given, group):
     nn.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, dataset.num_classes, quantize=not cfg.fp32, bits=cfg.bits,
                                per_channel=cfg.per_channel, dropout=cfg.dropout)
+    nn.set_batch_norm_momentum(model, cfg.bn_momentum)
     if group.size > 1:
         nn.manual_seed(distributed.rank_seed(cfg.seed, group.rank, group.size))  # each rank's own dropout masks
         if cfg.sync_bn:
@@ -404,8 +437,16 @@ def setup(cfg, given, group):
     run.cfg, run.dataset, run.model, run.opt = cfg, dataset, model, make_optimizer(model, cfg)
     run.loader = data.BatchLoader(dataset.x_train, dataset.y_train, cfg.batch_size, dataset.mean, dataset.std,
                                   augment=cfg.augment, shuffle=True, seed=cfg.seed, prefetch=True,
-                                  shard=group.rank, shards=group.size)
+                                  shard=group.rank, shards=group.size, flip=cfg.flip)
+    if cfg.bn_reestimate > len(run.loader):
+        raise NanoQ4Error(f"--bn-reestimate {cfg.bn_reestimate} asks for more than the {len(run.loader)} training "
+                          f"batches of an epoch; choose at most {len(run.loader)}")
     run.steps_per_epoch = min(len(run.loader), cfg.max_steps_per_epoch or len(run.loader))
+    total_steps = cfg.epochs * run.steps_per_epoch
+    if cfg.lookahead > total_steps:
+        raise NanoQ4Error(f"--lookahead {cfg.lookahead} is more than the run's {total_steps} steps: the weights would "
+                          f"never be averaged; choose at most {total_steps}")
+    run.lookahead = optim.Lookahead(model, cfg.lookahead, cfg.lookahead_decay, total_steps) if cfg.lookahead else None
     run.schedule = make_schedule(cfg, run.steps_per_epoch)
     run.warmup = warmup_steps(cfg, run.steps_per_epoch)
     run.watch = safeguards.DivergenceWatch(cfg.divergence_factor, dataset.num_classes,
@@ -444,6 +485,8 @@ def _resume_state(run, checkpoint):
     try:
         run.model.load_state_dict(checkpoint["model"])
         run.opt.load_state_dict(checkpoint["optimizer"])
+        if run.lookahead:  # none in the checkpoint (--lookahead turned on by --allow-changes): from the next sync on
+            run.lookahead.load_state_dict(checkpoint.get("lookahead"))
         rng_state, rng_note = _resumed_rng_state(checkpoint, run.cfg, run.group)
         nn.set_rng_state(rng_state)
     except (NanoQ4Error, ValueError, TypeError, KeyError) as e:
@@ -464,6 +507,9 @@ def announce(run):
             f"{len(run.dataset.y_train):,} train / {len(run.dataset.y_test):,} test images, {cfg.epochs} epochs of "
             f"{run.steps_per_epoch} steps, {cfg.optimizer} lr {cfg.resolved_lr()} ({cfg.schedule}){ranks}; "
             f"output {run.out}")
+    if cfg.lookahead and not cfg.bn_reestimate:
+        run.say("note: --lookahead without --bn-reestimate N: the exported batch-norm statistics will be the "
+                "averaged running statistics, not those of the averaged weights")
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -503,6 +549,8 @@ def train(cfg, given=None, group=None):
                 opt.lr = run.schedule(step)
                 loss_value, correct = train_step(run, xb, yb, epoch, k)
                 step += 1
+                if run.lookahead:
+                    run.lookahead.after_step(step)
                 images = loader.global_batch_len(k)
                 totals = [totals[0] + loss_value * images, totals[1] + correct, totals[2] + images]
                 bar.update(images, totals[0] / totals[2], totals[1] / totals[2])
@@ -550,16 +598,24 @@ def end_epoch(run, epoch, step, totals, epoch_start):
     cfg, group, dataset = run.cfg, run.group, run.dataset
     loss_sum, correct, seen = totals
     when = f"during epoch {epoch + 1} (by its step {run.steps_per_epoch})"
-    run.check_finite(when, weights=run.model.state_dict(), optimizer_state=run.opt.state_dict())
-    group.check_same((run.model.state_dict(), run.opt.state), f"by the end of epoch {epoch + 1}",
+    slow = run.lookahead.slow if run.lookahead else None
+    run.check_finite(when, weights=run.model.state_dict(), optimizer_state=run.opt.state_dict(), averaged_weights=slow)
+    group.check_same((run.model.state_dict(), run.opt.state, slow), f"by the end of epoch {epoch + 1}",
                      f"resume from {run.last_good}" if run.last_good else "no checkpoint was saved yet")
     train_time = time.perf_counter() - epoch_start
+    last = epoch + 1 == cfg.epochs
+    averaged = average_weights(run) if last and run.lookahead else None
+    reestimated = reestimate_statistics(run, epoch) if last and cfg.bn_reestimate else None
     test_loss, test_acc, _ = evaluate(run.model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std,
                                       group=group)
     stats = grid_summary(run.model, cfg, run.prev_codes)
     record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
                   test_loss=test_loss, test_acc=test_acc, lr=run.opt.lr, epoch_time=time.perf_counter() - epoch_start,
                   train_images_per_s=seen / train_time, grid=stats)
+    if averaged:
+        record["lookahead"] = averaged
+    if reestimated:
+        record["bn_reestimate"] = reestimated
     # the epoch's last steps blew the weights up (after the warm-up: a barely trained network's
     # batch-norm statistics can legitimately give a large test loss): keep the last checkpoint
     after_warmup = step - run.warmup
@@ -584,6 +640,33 @@ def end_epoch(run, epoch, step, totals, epoch_start):
     group.on_root(runlog.write_metrics, run.metrics_path, cfg, run.history)
     group.on_root(runlog.plot_curves, run.history, run.out / "curves.png")
     run.say(runlog.epoch_line(record, cfg.epochs))
+
+
+def average_weights(run):
+    """--lookahead: the model becomes the slow copy, the averaged weights and statistics, for good ->
+    the record {every, test accuracy before (the last trained weights)}. As airbench, the steps since
+    the last sync (fewer than --lookahead) are left out. It runs in end_epoch after the last epoch,
+    before the batch-norm re-estimation, the final evaluation and the checkpoint, so a resumed run
+    neither repeats nor skips it; every rank holds the same slow copy (check_same covers it)."""
+    dataset = run.dataset
+    before = evaluate(run.model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std, group=run.group)[1]
+    run.lookahead.write_back()
+    return dict(every=run.cfg.lookahead, test_acc_before=before)
+
+
+def reestimate_statistics(run, epoch):
+    """--bn-reestimate: the batch-norm statistics recomputed with the final weights over the first
+    batches of the last epoch (its order and augmentation) -> the record {batches, test accuracy
+    before}. It runs in end_epoch, before the final evaluation and the checkpoint, so a resumed run
+    neither repeats nor skips it. Per-rank statistics (no --sync-bn) are averaged over the ranks."""
+    cfg, dataset = run.cfg, run.dataset
+    before = evaluate(run.model, dataset.x_test, dataset.y_test, dataset.mean, dataset.std, group=run.group)[1]
+    run.loader.set_epoch(epoch)
+    batches = (xb for xb, _ in itertools.islice(run.loader, cfg.bn_reestimate))
+    count = nn.reestimate_batch_norm(run.model, batches)
+    if not cfg.sync_bn:
+        run.group.average([b for _, b in run.model.named_buffers()])
+    return dict(batches=count, test_acc_before=before)
 
 
 def finish(run, run_start):

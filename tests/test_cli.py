@@ -29,7 +29,8 @@ DOCUMENTED_FLAGS = ["--dataset", "--model", "--epochs", "--batch-size", "--optim
                     "--weight-decay", "--grad-clip", "--tanh-alpha", "--no-tanh-clip", "--bits", "--fp32",
                     "--label-smoothing", "--seed", "--data-dir", "--out", "--resume", "--threads", "--dropout",
                     "--tta", "--per-channel", "--no-per-channel", "--overwrite", "--allow-changes",
-                    "--divergence-factor"]
+                    "--divergence-factor", "--flip", "--bn-reestimate", "--lookahead", "--lookahead-decay",
+                    "--bn-momentum"]
 
 
 def run_cli(entry, argv, capsys):
@@ -74,6 +75,13 @@ def test_help_exits_0(help_text):
 @pytest.mark.parametrize("flag", DOCUMENTED_FLAGS)
 def test_help_mentions_flag(help_text, flag):
     assert re.search(rf"{re.escape(flag)}\b", help_text.stdout), f"{flag} missing from --help"
+
+
+def test_help_recommends_bn_reestimate_and_fast_bn_momentum_with_lookahead(help_text):
+    """The averaged weights are exported with batch-norm statistics that fit them only when re-estimated."""
+    text = " ".join(help_text.stdout.split())
+    lookahead = text[text.rindex("--lookahead STEPS"):text.rindex("--lookahead-decay DECAY")]
+    assert "--bn-reestimate N" in lookahead and "--bn-momentum 0.4" in lookahead, lookahead
 
 
 def test_help_hides_the_smoke_test_flag(help_text):
@@ -167,8 +175,10 @@ def test_switch_sets_its_config_field(flag, field, value):
 def test_valued_flags_set_their_fields():
     cfg = config_from_args(["--bits", "3", "--tanh-alpha", "1.5", "--weight-decay", "0", "--label-smoothing", "0.1",
                             "--threads", "1", "--max-steps-per-epoch", "7", "--seed", "9", "--grad-clip", "2",
-                            "--dropout", "0.3", "--tta", "flip"])
-    assert (cfg.dropout, cfg.tta) == (0.3, "flip")
+                            "--dropout", "0.3", "--tta", "flip", "--flip", "alternate", "--bn-reestimate", "5",
+                            "--lookahead", "5", "--lookahead-decay", "0.9", "--bn-momentum", "0.4"])
+    assert (cfg.dropout, cfg.tta, cfg.flip, cfg.bn_reestimate) == (0.3, "flip", "alternate", 5)
+    assert (cfg.lookahead, cfg.lookahead_decay, cfg.bn_momentum) == (5, 0.9, 0.4)
     assert (cfg.bits, cfg.tanh_alpha, cfg.weight_decay, cfg.label_smoothing) == (3, 1.5, 0.0, 0.1)
     assert (cfg.threads, cfg.max_steps_per_epoch, cfg.seed, cfg.grad_clip) == (1, 7, 9, 2.0)
 
@@ -202,6 +212,8 @@ BAD_FLAGS = {
     "label smoothing 1": (["--label-smoothing", "1"], "--label-smoothing"),
     "dropout 1": (["--dropout", "1"], "--dropout"),
     "negative dropout": (["--dropout", "-0.1"], "--dropout"),
+    "bn re-estimation beyond an epoch": (["--bn-reestimate", "100"], "at most 63"),
+    "lookahead beyond the run": (["--lookahead", "5"], "more than the run's 4 steps"),
 }
 
 
@@ -215,7 +227,8 @@ def test_bad_flag_ends_with_one_line_and_exit_code_2(case, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags", [["--optimizer", "rmsprop"], ["--recipe", "fast"], ["--epochs", "two"],
                                    ["--schedule", "linear"], ["--no-such-flag"], ["--threads", "1.5"],
-                                   ["--lr", "fast"], ["--seed", ""], ["--tta", "rotate"]])
+                                   ["--lr", "fast"], ["--seed", ""], ["--tta", "rotate"], ["--flip", "sometimes"],
+                                   ["--bn-reestimate", "all"], ["--lookahead", "often"], ["--bn-momentum", "fast"]])
 def test_argparse_refusal_is_one_line_and_exit_code_2(flags, capsys):
     code, _, err = run_cli(main, QUICK + flags, capsys)
     assert code == 2
@@ -255,6 +268,12 @@ OUT_OF_DOMAIN = {
     "max steps 0": (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch"),
     "divergence factor below 1": (["--divergence-factor", "0.5"], "--divergence-factor"),
     "divergence factor nan": (["--divergence-factor", "nan"], "--divergence-factor"),
+    "bn re-estimation negative": (["--bn-reestimate", "-1"], "--bn-reestimate"),
+    "lookahead negative": (["--lookahead", "-5"], "--lookahead"),
+    "lookahead decay 1": (["--lookahead-decay", "1"], "--lookahead-decay"),
+    "lookahead decay nan": (["--lookahead-decay", "nan"], "--lookahead-decay"),
+    "bn momentum 0": (["--bn-momentum", "0"], "--bn-momentum"),
+    "bn momentum above 1": (["--bn-momentum", "1.5"], "--bn-momentum"),
     "coarse labels of synthetic data": (["--coarse"], "coarse"),
     "empty out": (["--out", ""], "--out"),
 }
@@ -272,7 +291,8 @@ def test_flag_out_of_its_domain_is_refused_before_any_work(case, tmp_path, monke
 
 def test_library_config_of_the_wrong_type_is_refused_naming_the_flag(tmp_path):
     from nanoq4.train import train
-    for field, value in (("epochs", 2.5), ("batch_size", "32"), ("lr", "0.1"), ("seed", True)):
+    for field, value in (("epochs", 2.5), ("batch_size", "32"), ("lr", "0.1"), ("seed", True), ("bn_reestimate", 0.5),
+                         ("flip", "sometimes"), ("lookahead", 2.5), ("lookahead_decay", "0.9"), ("bn_momentum", None)):
         cfg = TrainConfig(dataset="synthetic", out=str(tmp_path / "run"), **{field: value})
         with pytest.raises(NanoQ4Error, match="--" + field.replace("_", "-")):
             train(cfg)

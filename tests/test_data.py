@@ -673,6 +673,67 @@ def test_kept_batches_are_never_overwritten(prefetch):
         np.testing.assert_array_equal(x, normalize_images(images[y], CIFAR_MEAN, CIFAR_STD))
 
 
+def flips_by_image(loader, epoch):
+    """Whether each image (by index, not by its place in the order) is mirrored in `epoch`'s plan."""
+    loader.set_epoch(epoch)
+    order, _, _, flip = loader._plan()
+    by_image = np.empty(len(order), dtype=bool)
+    by_image[order] = flip
+    return by_image
+
+
+@pytest.mark.parametrize("options", [{}, {"flip": "random"}], ids=["default", "random"])
+def test_random_flips_are_drawn_as_before_flip_modes_existed(options):
+    """Order, crop offsets, then one flip per position, all from the (seed, epoch) stream: the
+    default recipe trains bit for bit as it did before --flip."""
+    loader = cifar_loader(random_images(np.random.default_rng(12), 40), 16, augment=True, shuffle=True, seed=4,
+                          **options)
+    loader.set_epoch(3)
+    rng = np.random.default_rng([4, 3])
+    expected = (rng.permutation(40), rng.integers(0, 9, 40), rng.integers(0, 9, 40), rng.random(40) < 0.5)
+    for name, got, want in zip(("order", "oy", "ox", "flip"), loader._plan(), expected):
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def alternating_loader(n=300, seed=3, shuffle=True, augment=True):
+    images = random_images(np.random.default_rng(13), n, size=4)
+    return cifar_loader(images, 64, augment=augment, shuffle=shuffle, seed=seed, flip="alternate")
+
+
+def test_alternating_flip_mirrors_each_image_the_other_way_every_epoch():
+    loader = alternating_loader()
+    flips = [flips_by_image(loader, epoch) for epoch in range(4)]
+    for epoch in (1, 2, 3):
+        np.testing.assert_array_equal(flips[epoch], ~flips[epoch - 1], err_msg=f"epoch {epoch} vs {epoch - 1}")
+
+
+def test_alternating_flip_mirrors_a_random_half_in_the_first_epoch():
+    share = flips_by_image(alternating_loader(n=10_000), 0).mean()
+    assert abs(share - 0.5) < 0.02, f"{share:.1%} of the images mirrored in epoch 0 (4 sigma: 50 +- 2%)"
+
+
+def test_alternating_flips_follow_the_image_and_the_seed_not_the_order():
+    """Image i's flip in epoch e depends on (seed, e, i) alone, so a resumed run and every
+    data-parallel shard replay it: the same with or without shuffling, the same plans again."""
+    for epoch in (0, 1, 6):
+        np.testing.assert_array_equal(flips_by_image(alternating_loader(), epoch),
+                                      flips_by_image(alternating_loader(shuffle=False), epoch), err_msg=f"{epoch}")
+        for got, want in zip(alternating_loader()._plan(), alternating_loader()._plan()):
+            np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(flips_by_image(alternating_loader(seed=4), 0), flips_by_image(alternating_loader(), 0))
+
+
+def test_without_augmentation_nothing_is_flipped_in_either_mode():
+    loader = alternating_loader(augment=False)
+    for epoch in (0, 1):
+        assert not flips_by_image(loader, epoch).any()
+
+
+def test_unknown_flip_mode_is_refused():
+    with pytest.raises(NanoQ4Error, match="random or alternate"):
+        cifar_loader(random_images(np.random.default_rng(14), 4), 2, flip="sometimes")
+
+
 def test_computed_normalization_is_the_training_set_statistics():
     ds = load_dataset("synthetic", normalization="computed")
     pixels = ds.x_train.reshape(-1, 3) / 255.0

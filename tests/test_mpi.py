@@ -170,6 +170,35 @@ def test_every_rank_ends_with_bit_identical_weights_and_statistics(full_epoch_ru
     assert not differing, f"ranks 0 and 1 differ in {differing}"
 
 
+def test_bn_reestimate_with_per_rank_batch_norm_leaves_every_rank_the_same_statistics(mpiexec, tmp_path):
+    """Each rank re-estimates on its shards of the batches; the statistics are then averaged over the
+    ranks, so every rank (and the checkpoint rank 0 writes) holds the same."""
+    result = run_ranks(mpiexec, tmp_path, BASE_FLAGS + ["--bn-reestimate", "2", "--out", "run"], ["--dump", "dump"])
+    assert result.returncode == 0, report(result)
+    assert "re-estimated over 2 training batches" in result.stdout
+    rank0, rank1 = (np.load(tmp_path / "dump" / f"rank{r}.npz") for r in (0, 1))
+    differing = [k for k in rank0.files if not np.array_equal(rank0[k], rank1[k])]
+    assert not differing, f"ranks 0 and 1 differ in {differing}"
+    saved = weights(tmp_path / "run")
+    assert all(np.array_equal(saved[k], rank0[k]) for k in rank0.files)
+
+
+def test_lookahead_on_2_ranks_averages_the_same_weights_on_every_rank(mpiexec, tmp_path):
+    """Every rank holds the same weights and statistics, so the slow copies agree (check_same covers them
+    at each epoch end): the ranks end bit-identical, on the averaged weights the checkpoint holds."""
+    flags = BASE_FLAGS + ["--lookahead", "2", "--bn-reestimate", "2", "--out", "run"]
+    result = run_ranks(mpiexec, tmp_path, flags, ["--dump", "dump"])
+    assert result.returncode == 0, report(result)
+    assert "weights averaged (lookahead every 2 steps)" in result.stdout
+    rank0, rank1 = (np.load(tmp_path / "dump" / f"rank{r}.npz") for r in (0, 1))
+    differing = [k for k in rank0.files if not np.array_equal(rank0[k], rank1[k])]
+    assert not differing, f"ranks 0 and 1 differ in {differing}"
+    ckpt = export.load_checkpoint(tmp_path / "run" / "checkpoint.ckpt")
+    assert all(np.array_equal(ckpt["model"][k], rank0[k]) for k in rank0.files)
+    parameters = [k for k in rank0.files if not k.endswith(("running_mean", "running_var"))]
+    assert all(np.array_equal(ckpt["lookahead"][k], rank0[k]) for k in parameters), "not the averaged weights"
+
+
 def test_the_checkpoint_holds_the_weights_of_the_ranks(full_epoch_run):
     rank0 = np.load(full_epoch_run / "dump" / "rank0.npz")
     saved = weights(full_epoch_run / "run")
@@ -313,17 +342,18 @@ def test_batch_split_refusals_name_the_flag():
 
 # ----------------------------------------------------------------------------- the pieces, without MPI
 
-def loader(shard=0, shards=1, n=100, batch_size=32):
+def loader(shard=0, shards=1, n=100, batch_size=32, flip="random"):
     x, y = data.synthetic_dataset(n_train=n, n_test=1).x_train, np.arange(n) % 10
     return BatchLoader(x, y, batch_size, CIFAR_MEAN, CIFAR_STD, augment=True, shuffle=True, seed=3, shard=shard,
-                       shards=shards)
+                       shards=shards, flip=flip)
 
 
-def test_the_shards_of_each_batch_are_the_batch_of_one_process():
+@pytest.mark.parametrize("flip", data.FLIP_MODES)
+def test_the_shards_of_each_batch_are_the_batch_of_one_process(flip):
     """Disjoint shards whose union, in rank order, is the same images with the same crops and flips."""
-    whole = loader()
+    whole = loader(flip=flip)
     whole.set_epoch(2)
-    shards = [loader(r, 2) for r in range(2)]
+    shards = [loader(r, 2, flip=flip) for r in range(2)]
     for s in shards:
         s.set_epoch(2)
     for k, ((x, y), (x0, y0), (x1, y1)) in enumerate(zip(whole, *shards)):

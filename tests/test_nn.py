@@ -176,11 +176,90 @@ def test_batch_norm_module_eval_uses_running_stats():
     np.testing.assert_array_equal(bn.running_mean, running_mean)
 
 
+def test_set_batch_norm_momentum_reaches_every_batch_norm_and_its_update():
+    """airbench's fast momentum 0.4: running <- 0.6 * running + 0.4 * batch, in every batch norm."""
+    model = small_cnn()
+    nn.set_batch_norm_momentum(model, 0.4)
+    assert (model[1].momentum, model[5].momentum) == (0.4, 0.4)
+    bn = nn.Sequential(nn.BatchNorm2d(3))
+    nn.set_batch_norm_momentum(bn, 0.4)
+    x = images(n=8, size=4, seed=3)
+    bn(x)
+    x2 = x.data.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(bn[0].running_mean, 0.4 * x2.mean(axis=0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(bn[0].running_var, 0.6 + 0.4 * x2.var(axis=0, ddof=1), rtol=1e-5)
+
+
 def test_batch_norm_rejects_the_wrong_rank():
     with pytest.raises(ValueError, match="4-D"):
         nn.BatchNorm2d(3)(Tensor(np.ones((4, 3), np.float32)))
     with pytest.raises(ValueError, match="2-D"):
         nn.BatchNorm1d(3)(images())
+
+
+# ----------------------------------------------------------------------------- batch-norm re-estimation
+
+def quantized_cnn():
+    """Quantized conv and linear layers, both batch norms and dropout, with running statistics far
+    from the data's, which a re-estimation must replace rather than blend in."""
+    nn.manual_seed(4)
+    model = nn.Sequential(
+        nn.QConv2d(3, 6, padding=1, per_channel=True), nn.BatchNorm2d(6, relu=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.QLinear(4 * 4 * 6, 5), nn.BatchNorm1d(5), nn.Dropout(0.5), nn.Linear(5, 3))
+    rng = np.random.default_rng(5)
+    for bn in (model[1], model[5]):
+        bn.weight.data[...] = rng.uniform(0.5, 1.5, bn.weight.shape)
+        bn.bias.data[...] = rng.uniform(-0.5, 0.5, bn.bias.shape)
+        bn.running_mean[...], bn.running_var[...] = 5.0, 9.0
+    return model
+
+
+def batches_of_different_statistics():
+    rng = np.random.default_rng(6)
+    return [(rng.standard_normal((8, 8, 8, 3)) * (1 + k) + k).astype(np.float32) for k in range(3)]
+
+
+def batch_norm_statistics_by_numpy(model, batches):
+    """[(mean, var)] per batch norm: the average over `batches` of the per-channel batch mean and
+    unbiased batch variance, in float64, each batch normalized with its own (biased) statistics on
+    the way, as in training mode; dropout skipped."""
+    stats = {}
+    for x in batches:
+        h = x
+        for layer in model.layers:
+            if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                rows = h.reshape(-1, h.shape[-1]).astype(np.float64)
+                stats.setdefault(id(layer), []).append((rows.mean(axis=0), rows.var(axis=0, ddof=1)))
+                h = (h - rows.mean(axis=0)) / np.sqrt(rows.var(axis=0) + layer.eps) * layer.weight.data + layer.bias.data
+                h = (np.maximum(h, 0) if layer.relu else h).astype(np.float32)
+            elif not isinstance(layer, nn.Dropout):
+                h = layer(Tensor(h)).data
+    return [tuple(np.mean(s, axis=0)) for s in stats.values()]
+
+
+def test_reestimated_statistics_are_the_average_of_the_batch_statistics():
+    model = quantized_cnn()
+    batches = batches_of_different_statistics()
+    expected = batch_norm_statistics_by_numpy(model, batches)
+    assert nn.reestimate_batch_norm(model, batches) == 3
+    for (mean, var), bn in zip(expected, (model[1], model[5])):
+        np.testing.assert_allclose(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var, var, rtol=1e-5)
+
+
+def test_reestimation_changes_nothing_but_the_statistics():
+    """No weight, gradient, dropout draw (the training's random stream), momentum or mode changes."""
+    model = quantized_cnn().train()
+    weights = {name: p.data.copy() for name, p in model.named_parameters()}
+    rng_state = nn.get_rng_state()
+    nn.reestimate_batch_norm(model, batches_of_different_statistics())
+    assert all(np.array_equal(p.data, weights[name]) for name, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert nn.get_rng_state() == rng_state, "dropout drew from the training's generator"
+    assert all(m.training for m in model.modules()) and (model[1].momentum, model[5].momentum) == (0.1, 0.1)
+    model.eval()
+    nn.reestimate_batch_norm(model, batches_of_different_statistics())
+    assert not any(m.training for m in model.modules())
 
 
 def test_dropout_is_identity_in_eval_and_drops_in_train():

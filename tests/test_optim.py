@@ -276,3 +276,99 @@ def test_step_schedule():
 def test_constant_schedule():
     lr = optim.constant_schedule(0.3)
     assert lr(0) == lr(10 ** 6) == 0.3
+
+
+# ----------------------------------------------------------------------------- weight averaging (Lookahead)
+
+def test_lookahead_decay_ramps_up_as_the_cube_of_the_run_s_progress():
+    # decay_per_step ** every * (step / total) ** 3: 0.5 ** 2 = 0.25, times 1/8 halfway, times 1 at the end
+    assert optim.lookahead_decay(2, total_steps=4, every=2, decay_per_step=0.5) == 0.03125
+    assert optim.lookahead_decay(4, total_steps=4, every=2, decay_per_step=0.5) == 0.25
+    # airbench: every 5 steps at 0.95 per step keeps 0.95 ** 5 = 0.7737809375 of the slow copy at the end
+    assert optim.lookahead_decay(100, 100, 5, 0.95) == pytest.approx(0.7737809375, rel=1e-15)
+    assert optim.lookahead_decay(10, 100, 5, 0.95) == pytest.approx(0.7737809375e-3, rel=1e-12)
+
+
+def averaged_model():
+    """Linear(2 -> 1) + BatchNorm1d(1): weights, biases, batch-norm affine and running statistics."""
+    return nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+
+
+def set_state(model, weight, bias, gamma, beta, mean, var):
+    for target, value in zip((model[0].weight.data, model[0].bias.data, model[1].weight.data, model[1].bias.data,
+                              model[1].running_mean, model[1].running_var), (weight, bias, gamma, beta, mean, var)):
+        target[...] = value
+
+
+def test_lookahead_sync_averages_every_parameter_and_statistic_then_continues_from_the_average():
+    # every 2 steps, 0.5 per step, 4 steps: the first sync (step 2) takes the slow copy; step 3 is no
+    # sync; the sync after step 4 keeps 0.5 ** 2 * (4/4) ** 3 = 0.25 of the slow copy:
+    #   weight 0.25*[1, -2] + 0.75*[3, 2] = [2.5, 1];  bias 0.25*0.5 + 0.75*(-0.5) = -0.25
+    #   gamma 0.25*1 + 0.75*2 = 1.75;  beta 0.75*4 = 3;  mean 0.75*8 = 6;  var 0.25*1 + 0.75*5 = 4
+    model = averaged_model()
+    lookahead = optim.Lookahead(model, every=2, decay_per_step=0.5, total_steps=4)
+    set_state(model, [[1.0, -2.0]], [0.5], [1.0], [0.0], [0.0], [1.0])
+    lookahead.after_step(1)
+    assert lookahead.slow is None, "no sync after step 1"
+    lookahead.after_step(2)
+    set_state(model, [[3.0, 2.0]], [-0.5], [2.0], [4.0], [8.0], [5.0])
+    lookahead.after_step(3)
+    np.testing.assert_array_equal(model[0].weight.data, [[3.0, 2.0]], err_msg="step 3 is no sync")
+    lookahead.after_step(4)
+    expected = {"layers.0.weight": [[2.5, 1.0]], "layers.0.bias": [-0.25], "layers.1.weight": [1.75],
+                "layers.1.bias": [3.0], "layers.1.running_mean": [6.0], "layers.1.running_var": [4.0]}
+    assert list(lookahead.slow) == list(expected)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(lookahead.slow[name], expected[name], err_msg=f"slow copy of {name}")
+        np.testing.assert_array_equal(value, expected[name], err_msg=f"{name} does not go on from the average")
+        assert value.dtype == np.float32
+
+
+def test_lookahead_write_back_puts_the_slow_copy_into_the_model():
+    model = averaged_model()
+    lookahead = optim.Lookahead(model, every=1, decay_per_step=0.5, total_steps=10)
+    set_state(model, [[1.0, -2.0]], [0.5], [1.0], [0.0], [0.0], [1.0])
+    lookahead.after_step(1)
+    set_state(model, [[3.0, 2.0]], [-0.5], [2.0], [4.0], [8.0], [5.0])  # trained on past the last sync
+    lookahead.write_back()
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, lookahead.slow[name], err_msg=name)
+    np.testing.assert_array_equal(model[0].weight.data, [[1.0, -2.0]])
+
+
+def test_lookahead_keeps_tanh_clipped_weights_within_alpha():
+    """A slow copy at the clip's bound (a * tanh rounds to a) averaged with weights at it and one float32
+    ulp below it, at many decays: never above a (a float32 decay * slow + (1 - decay) * fast often is)."""
+    quant = pytest.importorskip("nanoq4.quant")
+    alpha = 3.0
+    model = nn.Sequential(nn.Linear(64, 1, bias=False))
+    w = model[0].weight.data
+    below = np.nextafter(np.float32(alpha), np.float32(0))
+    for decay in np.random.default_rng(0).random(200):
+        w[...] = 100.0
+        quant.tanh_soft_clip_(w, alpha)
+        assert np.all(w == np.float32(alpha))
+        lookahead = optim.Lookahead(model, every=1, decay_per_step=0.5, total_steps=1)
+        lookahead.after_step(1)  # the slow copy: every weight at alpha
+        w[0, ::2] = below  # the trained weights: half at alpha, half just below
+        lookahead.sync(float(decay))
+        assert np.abs(w).max() <= alpha, f"decay {decay}: {np.abs(w).max()!r} > {alpha}"
+
+
+def test_lookahead_state_round_trips_and_refuses_another_model():
+    model = averaged_model()
+    lookahead = optim.Lookahead(model, every=1, decay_per_step=0.5, total_steps=4)
+    assert lookahead.state_dict() is None
+    lookahead.after_step(1)
+    saved = lookahead.state_dict()
+    saved_copy = {k: v.copy() for k, v in saved.items()}
+    model[0].weight.data += 1.0
+    lookahead.after_step(2)
+    assert all(np.array_equal(saved[k], saved_copy[k]) for k in saved), "the saved state must own its arrays"
+    other = optim.Lookahead(averaged_model(), every=1, decay_per_step=0.5, total_steps=4)
+    other.load_state_dict(lookahead.state_dict())
+    assert all(np.array_equal(other.slow[k], lookahead.slow[k]) for k in saved)
+    other.load_state_dict(None)
+    assert other.slow is None
+    with pytest.raises(ValueError, match="averaged weights do not match"):
+        optim.Lookahead(nn.Sequential(nn.Linear(3, 1)), 1, 0.5, 4).load_state_dict(saved)

@@ -81,6 +81,22 @@ def test_final_report_with_tta_gives_both_accuracies():
                                       "(40.00% without)")
 
 
+def test_final_report_says_the_batch_norm_statistics_were_re_estimated():
+    history = [dict(RECORD, bn_reestimate=dict(batches=50, test_acc_before=0.375))]
+    report = runlog.final_report(history, TrainConfig(tta="none"), 2**20, 2**18, 1, "m.nq4")
+    assert report.splitlines()[1] == ("batch-norm statistics re-estimated over 50 training batches with the final "
+                                      "weights (test accuracy without augmentation 37.50% before)")
+
+
+def test_final_report_says_the_weights_were_averaged_before_the_re_estimation():
+    history = [dict(RECORD, lookahead=dict(every=5, test_acc_before=0.25),
+                    bn_reestimate=dict(batches=50, test_acc_before=0.375))]
+    lines = runlog.final_report(history, TrainConfig(tta="none"), 2**20, 2**18, 1, "m.nq4").splitlines()
+    assert lines[1] == ("weights averaged (lookahead every 5 steps): test accuracy without augmentation 25.00% with "
+                        "the last trained weights")
+    assert lines[2].startswith("batch-norm statistics re-estimated over 50 training batches")
+
+
 def test_default_run_folder_is_new_and_names_dataset_and_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(dataset="folder:/data/pets", model="simpleresnet4bit")

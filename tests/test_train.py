@@ -3,6 +3,7 @@
 epoch boundary or mid-epoch (with the command it prints), resume settings, the stop on a
 non-finite loss, checkpoints never replaced by non-finite ones, and the divergence watch."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -14,9 +15,10 @@ import signal
 import numpy as np
 import pytest
 
-from nanoq4 import export, ops, optim, safeguards
+from nanoq4 import distributed, export, nn, ops, optim, safeguards
 from nanoq4 import train as train_module
 from nanoq4.errors import NanoQ4Error
+from nanoq4.evaluate import evaluate_file
 from nanoq4.safeguards import DivergenceWatch, all_finite
 from nanoq4.tensor import Tensor
 from nanoq4.train import TrainConfig, main, train
@@ -384,6 +386,10 @@ RESUME_CHANGES = {  # flags that differ from the checkpoint's settings -> what t
     "weight decay": (["--weight-decay", "0"], "weight_decay=0.0005"),
     "label smoothing": (["--label-smoothing", "0"], "label_smoothing=0.2"),
     "optimizer recipe": (["--recipe", "paper"], "optimizer='sgd'"),
+    "flip mode": (["--flip", "alternate"], "flip='random'"),
+    "batch-norm re-estimation": (["--bn-reestimate", "2"], "bn_reestimate=0"),
+    "weight averaging": (["--lookahead", "2"], "lookahead=0"),
+    "batch-norm momentum": (["--bn-momentum", "0.4"], "bn_momentum=0.1"),
 }
 
 
@@ -622,6 +628,27 @@ def test_checkpoint_of_an_older_nanoq4_resumes_with_its_own_dropout_and_lr(epoch
     assert (cfg.dropout, cfg.tta, cfg.resolved_lr(), changes) == (0.5, "none", 0.05, {})
 
 
+def test_checkpoint_without_the_flip_and_bn_settings_resumes_with_what_it_trained_with(epoch_1_checkpoint):
+    """Written before --flip and --bn-reestimate: random flips, no re-estimation; changing them needs
+    --allow-changes, as for any setting the checkpoint holds."""
+    saved = dict(export.load_checkpoint(epoch_1_checkpoint)["config"])
+    del saved["flip"], saved["bn_reestimate"]
+    cfg, _ = train_module.resumed_config(TrainConfig(resume="x", flip="alternate", bn_reestimate=5), saved,
+                                         given={"resume"})
+    assert (cfg.flip, cfg.bn_reestimate) == ("random", 0)
+    with pytest.raises(NanoQ4Error, match="flip='random' .given 'alternate'.*--allow-changes"):
+        train_module.resumed_config(TrainConfig(resume="x", flip="alternate"), saved, given={"resume", "flip"})
+
+
+def test_checkpoint_without_the_lookahead_settings_resumes_with_the_lever_off(epoch_1_checkpoint):
+    """Written before --lookahead, --lookahead-decay and --bn-momentum: no averaging, momentum 0.1."""
+    saved = dict(export.load_checkpoint(epoch_1_checkpoint)["config"])
+    del saved["lookahead"], saved["lookahead_decay"], saved["bn_momentum"]
+    cfg, _ = train_module.resumed_config(TrainConfig(resume="x", lookahead=5, lookahead_decay=0.5, bn_momentum=0.4),
+                                         saved, given={"resume"})
+    assert (cfg.lookahead, cfg.lookahead_decay, cfg.bn_momentum) == (0, 0.95, 0.1)
+
+
 def test_tta_may_change_on_resume_without_allow_changes(epoch_1_checkpoint):
     saved = export.load_checkpoint(epoch_1_checkpoint)["config"]
     other = "none" if saved["tta"] != "none" else "flip"
@@ -681,3 +708,197 @@ def test_signal_during_the_final_evaluation_exits_130_and_resuming_exports(tmp_p
     monkeypatch.setattr(train_module, "evaluate", real_evaluate)
     code, stdout = run_main(["--resume", str(tmp_path / "checkpoint.ckpt")])
     assert code == 0 and (tmp_path / "model.nq4").exists() and "FINAL" in stdout
+
+
+# ----------------------------------------------------------------------------- --bn-reestimate and --flip alternate
+
+@pytest.fixture(scope="module")
+def reestimated_run(tmp_path_factory):
+    """SMOKE with --bn-reestimate 3: the smoke run's training, then new batch-norm statistics."""
+    folder = tmp_path_factory.mktemp("reestimated")
+    code, stdout = run_main(SMOKE + ["--bn-reestimate", "3", "--out", str(folder)])
+    assert code == 0, stdout
+    return folder, stdout
+
+
+def test_bn_reestimate_changes_only_the_batch_norm_statistics(reestimated_run, smoke_run):
+    """The weights, optimizer state, dropout stream and metrics up to the last evaluation are the smoke
+    run's bit for bit; every running statistic is new, and the last record says what was done."""
+    folder, stdout = reestimated_run
+    got, want = (export.load_checkpoint(f / "checkpoint.ckpt") for f in (folder, smoke_run[1]))
+    statistics = {name for name in want["model"] if name.endswith(("running_mean", "running_var"))}
+    changed = {name for name in want["model"] if not np.array_equal(got["model"][name], want["model"][name])}
+    assert changed == statistics
+    assert got["optimizer"]["step_count"] == want["optimizer"]["step_count"]
+    for group_got, group_want in zip(got["optimizer"]["state"], want["optimizer"]["state"]):
+        for s_got, s_want in zip(group_got, group_want):
+            assert all(np.array_equal(a, b) for a, b in zip(s_got, s_want)), "optimizer buffers differ"
+    assert got["rng"] == want["rng"]
+    history, reference = without_timing(read_metrics(folder)[1:]), without_timing(read_metrics(smoke_run[1])[1:])
+    assert history[0] == reference[0] and history[1]["grid"] == reference[1]["grid"]
+    assert history[1]["bn_reestimate"] == {"batches": 3, "test_acc_before": reference[1]["test_acc"]}
+    assert "batch-norm statistics re-estimated over 3 training batches" in stdout
+
+
+def test_without_bn_reestimate_the_statistics_are_those_of_training(smoke_run):
+    """The default (0) records no re-estimation: the running averages are the ones exported."""
+    _, folder, stdout = smoke_run
+    assert TrainConfig().bn_reestimate == 0
+    assert not any("bn_reestimate" in record for record in read_metrics(folder)[1:])
+    assert "re-estimated" not in stdout
+
+
+def test_reestimated_final_accuracy_is_the_exported_file_s(reestimated_run):
+    folder, _ = reestimated_run
+    final = read_metrics(folder)[-1]
+    assert evaluate_file(folder / "model.nq4", "synthetic")["accuracy"] == final["test_acc"]
+    assert evaluate_file(folder / "model.nq4", "synthetic", tta=final["tta"])["accuracy"] == final["test_acc_tta"]
+
+
+def test_a_stop_during_the_final_evaluation_keeps_the_reestimated_statistics(reestimated_run, tmp_path,
+                                                                              monkeypatch):
+    """The checkpoint written after the last epoch holds the re-estimated statistics: resuming it
+    exports the uninterrupted run's model file, neither redoing nor skipping the re-estimation."""
+    real_evaluate = train_module.evaluate
+    calls = []
+
+    def ctrl_c_during_the_final_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # epoch 1; epoch 2: before the re-estimation, after it, then with TTA
+            signal.raise_signal(signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", ctrl_c_during_the_final_evaluation)
+    code, stdout = run_main(SMOKE + ["--bn-reestimate", "3", "--out", str(tmp_path)])
+    assert code == 130, stdout
+    assert not (tmp_path / "model.nq4").exists()
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    code, stdout = run_main(["--resume", str(tmp_path / "checkpoint.ckpt")])
+    assert code == 0, stdout
+    assert_same_run(tmp_path, reestimated_run[0])
+
+
+ALTERNATE = SMOKE + ["--flip", "alternate", "--bn-reestimate", "2"]
+
+
+@pytest.fixture(scope="module")
+def alternate_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("alternate")
+    code, stdout = run_main(ALTERNATE + ["--out", str(folder)])
+    assert code == 0, stdout
+    return folder
+
+
+def test_alternate_flip_reaches_the_training(alternate_run, smoke_run):
+    assert read_metrics(alternate_run)[1]["train_loss"] != read_metrics(smoke_run[1])[1]["train_loss"]
+
+
+def test_resume_in_the_last_epoch_with_alternate_flips_and_bn_reestimate_is_exact(alternate_run, tmp_path,
+                                                                                   monkeypatch):
+    """Ctrl-C in epoch 2 (the last, an odd one: every flip the other way): the resumed run replays its
+    flips and re-estimates the statistics as the uninterrupted run did."""
+    real_step = signal_after_step(4 + 2, signal.SIGINT, monkeypatch)
+    code, _ = run_main(ALTERNATE + ["--out", str(tmp_path)])
+    assert code == 130
+    ckpt = export.load_checkpoint(tmp_path / "checkpoint.ckpt")
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 2)
+    monkeypatch.setattr(optim.SGD, "step", real_step)
+    code, stdout = run_main(["--resume", str(tmp_path / "checkpoint.ckpt")])
+    assert code == 0, stdout
+    assert_same_run(tmp_path, alternate_run)
+
+
+# ----------------------------------------------------------------------------- --lookahead and --bn-momentum
+
+# 2 epochs of 4 steps: the first sync (after step 3) takes the slow copy, the one after step 6 averages,
+# steps 7 and 8 train on from the average and are left out when it becomes the final model.
+LOOKAHEAD = SMOKE + ["--lookahead", "3"]
+
+
+def test_lookahead_and_bn_momentum_reach_the_run(tmp_path):
+    cfg = dataclasses.replace(smoke_config(tmp_path), lookahead=3, lookahead_decay=0.9, bn_momentum=0.4)
+    run = train_module.setup(cfg, None, distributed.SingleProcess())
+    assert (run.lookahead.every, run.lookahead.decay_per_step, run.lookahead.total_steps) == (3, 0.9, 8)
+    assert [m.momentum for m in batch_norms(run.model)] == [0.4] * 6
+    default = train_module.setup(smoke_config(tmp_path / "default"), None, distributed.SingleProcess())
+    assert default.lookahead is None and [m.momentum for m in batch_norms(default.model)] == [0.1] * 6
+
+
+def batch_norms(model):
+    return [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+
+
+@pytest.fixture(scope="module")
+def lookahead_run(tmp_path_factory):
+    """LOOKAHEAD, with the weights (parameters) right after optimizer steps 3 and 6."""
+    folder = tmp_path_factory.mktemp("lookahead")
+    real_step = optim.SGD.step
+    after = {}
+
+    def step_and_keep_the_weights(self):
+        real_step(self)
+        after[self.step_count] = [p.data.copy() for p in self.parameters()]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optim.SGD, "step", step_and_keep_the_weights)
+        code, stdout = run_main(LOOKAHEAD + ["--out", str(folder)])
+    assert code == 0, stdout
+    return folder, stdout, after[3], after[6]
+
+
+def test_the_final_model_is_the_hand_computed_average_of_steps_3_and_6(lookahead_run):
+    """The sync after step 6 keeps 0.95 ** 3 * (6/8) ** 3 of the slow copy (the weights after step 3)
+    and takes the rest from the weights after step 6; the run ends on that average."""
+    folder, _, after_3, after_6 = lookahead_run
+    decay = 0.95 ** 3 * (6 / 8) ** 3
+    ckpt = export.load_checkpoint(folder / "checkpoint.ckpt")
+    names = [name for name in ckpt["model"] if not name.endswith(("running_mean", "running_var"))]
+    names.sort(key=lambda name: ckpt["model"][name].ndim <= 1)  # the optimizer's order: decayed weights first
+    assert len(names) == len(after_3)
+    for name, w3, w6 in zip(names, after_3, after_6):
+        expected = (decay * w3.astype(np.float64) + (1 - decay) * w6.astype(np.float64)).astype(np.float32)
+        np.testing.assert_array_equal(ckpt["model"][name], expected, err_msg=name)
+
+
+def test_the_final_model_is_the_slow_copy_and_the_checkpoint_keeps_it(lookahead_run, smoke_run):
+    folder, _, _, _ = lookahead_run
+    ckpt = export.load_checkpoint(folder / "checkpoint.ckpt")
+    assert list(ckpt["lookahead"]) == list(ckpt["model"])
+    differing = [name for name in ckpt["model"] if not np.array_equal(ckpt["model"][name], ckpt["lookahead"][name])]
+    assert not differing, f"the final model is not the slow copy in {differing}"
+    reference = export.load_checkpoint(smoke_run[1] / "checkpoint.ckpt")
+    assert "lookahead" not in reference, "the default writes no slow copy"
+    assert not any(np.array_equal(ckpt["model"][k], reference["model"][k]) for k in reference["model"])
+
+
+def test_lookahead_changes_nothing_before_its_first_average(lookahead_run, smoke_run):
+    """The first sync only takes the slow copy: epoch 1 is the smoke run's; epoch 2 is not."""
+    history = without_timing(read_metrics(lookahead_run[0])[1:])
+    reference = without_timing(read_metrics(smoke_run[1])[1:])
+    assert history[0] == reference[0]
+    assert history[1]["train_loss"] != reference[1]["train_loss"]
+
+
+def test_lookahead_is_recorded_reported_and_exported(lookahead_run):
+    folder, stdout, _, _ = lookahead_run
+    final = read_metrics(folder)[-1]
+    assert final["lookahead"]["every"] == 3 and 0 <= final["lookahead"]["test_acc_before"] <= 1
+    assert "weights averaged (lookahead every 3 steps)" in stdout
+    assert "note: --lookahead without --bn-reestimate" in stdout
+    assert evaluate_file(folder / "model.nq4", "synthetic")["accuracy"] == final["test_acc"]
+
+
+def test_resume_before_the_averaging_sync_equals_the_uninterrupted_run(lookahead_run, tmp_path, monkeypatch):
+    """Ctrl-C after step 5: the checkpoint holds the slow copy of step 3, which the resumed run's sync
+    after step 6 averages with, as the uninterrupted run did."""
+    real_step = signal_after_step(5, signal.SIGINT, monkeypatch)
+    code, _ = run_main(LOOKAHEAD + ["--out", str(tmp_path)])
+    assert code == 130
+    ckpt = export.load_checkpoint(tmp_path / "checkpoint.ckpt")
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 1) and ckpt["lookahead"] is not None
+    monkeypatch.setattr(optim.SGD, "step", real_step)
+    code, stdout = run_main(["--resume", str(tmp_path / "checkpoint.ckpt")])
+    assert code == 0, stdout
+    assert_same_run(tmp_path, lookahead_run[0])
+    got, want = (export.load_checkpoint(f / "checkpoint.ckpt")["lookahead"] for f in (tmp_path, lookahead_run[0]))
+    assert all(np.array_equal(got[k], want[k]) for k in want)
