@@ -372,8 +372,9 @@ def unpool_2x2(grad, argmax, x_shape):
 
 @njit(parallel=True, cache=True)
 def _bn_relu_pool_backward_sums_kernel(grad, argmax, x, scale, shift, mean, chunks, step):
-    # the rows (pixels) and their order are those of _bn_backward_sums_kernel, so the float64 sums
-    # are the same; the pixels that are not a window's maximum add nothing there and are skipped here
+    # the rows (pixels), their order and the float64 products are those of _bn_backward_sums_kernel
+    # (where Numba types g as float64), so the sums are the same bits; pixels whose g is 0 there
+    # (not a window's maximum, or the ReLU off) add nothing and are skipped here
     n, h, w, c = x.shape
     oh, ow = grad.shape[1], grad.shape[2]
     partial = np.zeros((chunks, 2, c), dtype=np.float64)

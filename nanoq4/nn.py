@@ -257,8 +257,6 @@ class BatchNorm2d(_BatchNorm):
 
     def forward_pooled(self, x):
         """max_pool2d(self(x), 2), the same values, in one pass that never stores self(x)."""
-        if x.ndim != 4:
-            raise ValueError(f"BatchNorm2d expects 4-D input, got {x.shape}")
         return ops.batch_norm_relu_pool(x, self.weight, self.bias, self.running_mean, self.running_var,
                                         self.training, self.momentum, self.eps, self.sync)
 
