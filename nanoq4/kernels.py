@@ -282,6 +282,16 @@ def batch_norm_backward(dy, x, y, mean, inv_std, gamma, relu, sync=None):
     m = x.shape[0]
     chunks, step = _row_chunks(m)
     sums = _bn_backward_sums_kernel(dy, x, y, mean.astype(x.dtype), relu, chunks, step)
+    a, b, d, dgamma, dbeta = _bn_backward_coefficients(sums, m, inv_std, gamma, sync)
+    dx = np.empty_like(x)
+    _bn_backward_dx_kernel(dy, x, y, mean.astype(x.dtype), relu, a.astype(x.dtype), b.astype(x.dtype),
+                           d.astype(x.dtype), dx)
+    return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+
+
+def _bn_backward_coefficients(sums, m, inv_std, gamma, sync):
+    """From this rank's sums of g and g*(x - mean) over its m rows: the per-channel a, b, d of
+    dx = a*g - b*(x - mean) - d (means over the global batch under `sync`), and dgamma, dbeta."""
     dbeta = sums[0]
     dgamma = sums[1] * inv_std  # sum(g * xhat)
     if sync is not None:
@@ -289,10 +299,7 @@ def batch_norm_backward(dy, x, y, mean, inv_std, gamma, relu, sync=None):
     a = gamma * inv_std
     b = a * inv_std * (sums[1] * inv_std) / m  # coefficient of (x - mean): a * xhat * mean(g*xhat) / (x-mean)
     d = a * sums[0] / m
-    dx = np.empty_like(x)
-    _bn_backward_dx_kernel(dy, x, y, mean.astype(x.dtype), relu, a.astype(x.dtype), b.astype(x.dtype),
-                           d.astype(x.dtype), dx)
-    return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+    return a, b, d, dgamma, dbeta
 
 
 def batch_norm_backward_reference(dy, x, y, mean, inv_std, gamma, relu):
@@ -302,6 +309,129 @@ def batch_norm_backward_reference(dy, x, y, mean, inv_std, gamma, relu):
     dgamma = (g * xhat).sum(axis=0)
     dx = gamma * inv_std * (g - dbeta / len(x) - xhat * dgamma / len(x))
     return dx, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------- batch norm + ReLU + 2x2 max pool
+#
+# VGG's blocks end in BN-ReLU then a 2x2 max pool. Fused, the full-size activation between them and
+# its full-size gradient are never stored: forward reads x once and writes the pooled quarter, with
+# each maximum's window position 0..3 (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) in a
+# uint8; backward recomputes the ReLU mask from x. Each value is computed by the same float32
+# expression as scale_shift, max_pool and the batch-norm backward kernels, so the results are those
+# of the unfused chain bit for bit. An odd last row or column is in no window, as in max_pool.
+
+@njit(parallel=True, cache=True)
+def _bn_relu_pool_kernel(x, scale, shift, out, argmax):
+    n, h, w, c = x.shape
+    oh, ow = out.shape[1], out.shape[2]
+    for row in prange(n * oh):
+        img, i = row // oh, row % oh
+        for j in range(ow):
+            for ch in range(c):
+                best = max(x[img, 2 * i, 2 * j, ch] * scale[ch] + shift[ch], 0.0)
+                best_pos = 0
+                for pos in range(1, 4):  # the first maximum wins a tie, as in max_pool
+                    v = max(x[img, 2 * i + pos // 2, 2 * j + pos % 2, ch] * scale[ch] + shift[ch], 0.0)
+                    if v > best:
+                        best = v
+                        best_pos = pos
+                out[img, i, j, ch] = best
+                argmax[img, i, j, ch] = best_pos
+
+
+def batch_norm_relu_pool(x, scale, shift):
+    """max_pool(relu(x * scale + shift), 2, 2) of NHWC x in one pass: the pooled (N, H//2, W//2, C)
+    output, and as uint8 the window position 0..3 of each maximum (first maximum on ties)."""
+    n, h, w, c = x.shape
+    out = np.empty((n, h // 2, w // 2, c), dtype=x.dtype)
+    argmax = np.empty(out.shape, dtype=np.uint8)
+    _bn_relu_pool_kernel(np.ascontiguousarray(x), scale.astype(x.dtype), shift.astype(x.dtype), out, argmax)
+    return out, argmax
+
+
+def window_position(flat_argmax, w):
+    """max_pool's flat index y*W+x of a 2x2/stride-2 maximum -> its position 0..3 in the window."""
+    return (2 * (flat_argmax // w % 2) + flat_argmax % w % 2).astype(np.uint8)
+
+
+def batch_norm_relu_pool_reference(x, scale, shift):
+    y = np.maximum(x * scale.astype(x.dtype) + shift.astype(x.dtype), 0)
+    out, flat_argmax = max_pool_reference(y, 2, 2)
+    return out, window_position(flat_argmax, x.shape[2])
+
+
+def unpool_2x2(grad, argmax, x_shape):
+    """Adjoint of 2x2 max pooling: each pooled gradient at its window position (uint8 0..3), zeros
+    elsewhere, as (N, H, W, C)."""
+    dy = np.zeros(x_shape, dtype=grad.dtype)
+    oh, ow = grad.shape[1], grad.shape[2]
+    for pos in range(4):
+        dy[:, pos // 2:2 * oh:2, pos % 2:2 * ow:2, :] = np.where(argmax == pos, grad, 0)
+    return dy
+
+
+@njit(parallel=True, cache=True)
+def _bn_relu_pool_backward_sums_kernel(grad, argmax, x, scale, shift, mean, chunks, step):
+    # the rows (pixels), their order and the float64 products are those of _bn_backward_sums_kernel
+    # (where Numba types g as float64), so the sums are the same bits; pixels whose g is 0 there
+    # (not a window's maximum, or the ReLU off) add nothing and are skipped here
+    n, h, w, c = x.shape
+    oh, ow = grad.shape[1], grad.shape[2]
+    partial = np.zeros((chunks, 2, c), dtype=np.float64)
+    for t in prange(chunks):
+        for r in range(t * step, min(n * h * w, (t + 1) * step)):
+            img, y, xx = r // (h * w), r // w % h, r % w
+            i, j, pos = y // 2, xx // 2, 2 * (y % 2) + xx % 2
+            if i >= oh or j >= ow:
+                continue  # the last row or column of an odd size: in no window
+            for ch in range(c):
+                if argmax[img, i, j, ch] == pos and x[img, y, xx, ch] * scale[ch] + shift[ch] > 0.0:
+                    g = np.float64(grad[img, i, j, ch])
+                    partial[t, 0, ch] += g
+                    partial[t, 1, ch] += g * (x[img, y, xx, ch] - mean[ch])
+    return partial.sum(axis=0)
+
+
+@njit(parallel=True, cache=True)
+def _bn_relu_pool_backward_dx_kernel(grad, argmax, x, scale, shift, mean, a, b, d, dx):
+    n, h, w, c = x.shape
+    oh, ow = grad.shape[1], grad.shape[2]
+    for row in prange(n * h):
+        img, y = row // h, row % h
+        for xx in range(w):
+            i, j, pos = y // 2, xx // 2, 2 * (y % 2) + xx % 2
+            pooled = i < oh and j < ow
+            for ch in range(c):
+                g = 0.0  # the gradient reaching this pixel's ReLU output
+                if pooled and argmax[img, i, j, ch] == pos and x[img, y, xx, ch] * scale[ch] + shift[ch] > 0.0:
+                    g = grad[img, i, j, ch]
+                dx[img, y, xx, ch] = a[ch] * g - b[ch] * (x[img, y, xx, ch] - mean[ch]) - d[ch]
+
+
+def batch_norm_relu_pool_backward(grad, argmax, x, scale, shift, mean, inv_std, gamma, sync=None):
+    """Gradients of batch_norm_relu_pool with batch statistics (scale = gamma*inv_std, shift =
+    beta - mean*scale): dx (N, H, W, C), dgamma, dbeta, those of batch_norm_backward(relu=True)
+    of the unpooled gradient, with the same `sync`. Two passes over x: the per-channel sums, then dx."""
+    n, h, w, c = x.shape
+    x = np.ascontiguousarray(x)
+    grad = np.ascontiguousarray(grad)
+    scale, shift, mean32 = scale.astype(x.dtype), shift.astype(x.dtype), mean.astype(x.dtype)
+    chunks, step = _row_chunks(n * h * w)
+    sums = _bn_relu_pool_backward_sums_kernel(grad, argmax, x, scale, shift, mean32, chunks, step)
+    a, b, d, dgamma, dbeta = _bn_backward_coefficients(sums, n * h * w, inv_std, gamma, sync)
+    dx = np.empty_like(x)
+    _bn_relu_pool_backward_dx_kernel(grad, argmax, x, scale, shift, mean32, a.astype(x.dtype), b.astype(x.dtype),
+                                     d.astype(x.dtype), dx)
+    return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+
+
+def batch_norm_relu_pool_backward_reference(grad, argmax, x, scale, shift, mean, inv_std, gamma):
+    c = x.shape[-1]
+    y = np.maximum(x * scale.astype(x.dtype) + shift.astype(x.dtype), 0)
+    dy = unpool_2x2(grad, argmax, x.shape)
+    dx, dgamma, dbeta = batch_norm_backward_reference(dy.reshape(-1, c), x.reshape(-1, c), y.reshape(-1, c),
+                                                      mean, inv_std, gamma, relu=True)
+    return dx.reshape(x.shape), dgamma, dbeta
 
 
 # ----------------------------------------------------------------------------- optimizer updates

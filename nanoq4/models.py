@@ -2,7 +2,9 @@
 
 `quantize=False` builds the float32 baseline of the same architecture (plain Conv2d/Linear).
 BatchNorm layers are followed by ReLU in both models; they are fused (`relu=True`) so the
-pair costs one pass over the activations instead of two.
+pair costs one pass over the activations instead of two. In VGG4bit the BN-ReLU that ends a block
+and the max pool after it run as one op too (nn.Sequential fuses the pair into
+ops.batch_norm_relu_pool), which never stores the full-size activation.
 """
 from . import nn, ops
 from .errors import NanoQ4Error
@@ -31,7 +33,7 @@ def vgg4bit(num_classes=10, quantize=True, bits=4, per_channel=False, dropout=0.
     for cout in (64, 128, 256):
         layers += [_conv(cin, cout, **q), nn.BatchNorm2d(cout, relu=True),
                    _conv(cout, cout, **q), nn.BatchNorm2d(cout, relu=True),
-                   nn.MaxPool2d(2)]
+                   nn.MaxPool2d(2)]  # runs fused with the BN-ReLU before it (nn.Sequential)
         cin = cout
     layers += [nn.Flatten(),
                _linear(4 * 4 * 256, 512, **q), nn.BatchNorm1d(512, relu=True), nn.Dropout(dropout),

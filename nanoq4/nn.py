@@ -250,6 +250,16 @@ class _BatchNorm(Module):
 class BatchNorm2d(_BatchNorm):
     expected_ndim = 4
 
+    def pools_with(self, layer):
+        """Whether this layer and `layer` after it run as one op (ops.batch_norm_relu_pool):
+        a ReLU'd batch norm followed by a 2x2 / stride-2 max pool."""
+        return self.relu and isinstance(layer, MaxPool2d) and layer.kernel_size == layer.stride == 2
+
+    def forward_pooled(self, x):
+        """max_pool2d(self(x), 2), the same values, in one pass that never stores self(x)."""
+        return ops.batch_norm_relu_pool(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                        self.training, self.momentum, self.eps, self.sync)
+
 
 class BatchNorm1d(_BatchNorm):
     expected_ndim = 2
@@ -322,6 +332,10 @@ class Flatten(Module):
 
 
 class Sequential(Module):
+    """The layers applied in order. A BatchNorm2d(relu=True) followed by a MaxPool2d(2) (VGG's block
+    ends) runs as one fused op, BatchNorm2d.forward_pooled, with the same result; the pair stays two
+    layers, so parameter names, checkpoints and exports see the model as it is written."""
+
     def __init__(self, *layers):
         self.layers = list(layers)
 
@@ -332,6 +346,13 @@ class Sequential(Module):
         return len(self.layers)
 
     def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
+        i = 0
+        while i < len(self.layers):
+            layer, following = self.layers[i], self.layers[i + 1:i + 2]
+            if isinstance(layer, BatchNorm2d) and following and layer.pools_with(following[0]):
+                x = layer.forward_pooled(x)
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
         return x

@@ -313,21 +313,7 @@ class BatchNorm(Function):
     def forward(ctx, x, gamma, beta, running_mean, running_var, training=True, momentum=0.1,
                 eps=1e-5, relu=False, sync=None):
         x2 = x.reshape(-1, x.shape[-1])
-        m = x2.shape[0]
-        if training:
-            sums = kernels.channel_sums(x2)
-            if sync is not None:
-                sums, m = sync(sums, m)
-            if m < 2:
-                raise ValueError("batch_norm in training mode needs more than one value per channel")
-            mean, var = kernels.mean_var_from_sums(sums, m)
-            running_mean *= 1 - momentum
-            running_mean += momentum * mean
-            running_var *= 1 - momentum
-            running_var += momentum * var * (m / (m - 1))
-        else:
-            mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
-        inv_std = 1.0 / np.sqrt(var + eps)
+        mean, inv_std = _normalization_statistics(x2, running_mean, running_var, training, momentum, eps, sync)
         scale = gamma * inv_std
         y = kernels.scale_shift(x2, scale, beta - mean * scale, relu)
         ctx.save_for_backward(x2, y, mean, inv_std, gamma)
@@ -340,13 +326,76 @@ class BatchNorm(Function):
         g = grad.reshape(x2.shape)
         if ctx.training:
             dx, dgamma, dbeta = kernels.batch_norm_backward(g, x2, y, mean, inv_std, gamma, ctx.relu, ctx.sync)
-        else:  # statistics are constants: a per-channel affine map
-            if ctx.relu:
-                g = np.where(y > 0, g, 0).astype(g.dtype)
-            dx = (g * (gamma * inv_std).astype(g.dtype))
-            dgamma = (g * ((x2 - mean) * inv_std)).sum(axis=0).astype(g.dtype)
-            dbeta = g.sum(axis=0)
+        else:
+            dx, dgamma, dbeta = _batch_norm_eval_backward(g, x2, y, mean, inv_std, gamma, ctx.relu)
         return dx.reshape(ctx.shape), dgamma, dbeta
+
+
+def _normalization_statistics(x2, running_mean, running_var, training, momentum, eps, sync):
+    """(mean, 1/sqrt(var + eps)) per channel of (M, C) x2, float64: in training those of the batch
+    (of the global batch under `sync`), which also move the running statistics in place; in eval
+    the running statistics."""
+    m = x2.shape[0]
+    if training:
+        sums = kernels.channel_sums(x2)
+        if sync is not None:
+            sums, m = sync(sums, m)
+        if m < 2:
+            raise ValueError("batch_norm in training mode needs more than one value per channel")
+        mean, var = kernels.mean_var_from_sums(sums, m)
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+        running_var *= 1 - momentum
+        running_var += momentum * var * (m / (m - 1))
+    else:
+        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+    return mean, 1.0 / np.sqrt(var + eps)
+
+
+def _batch_norm_eval_backward(g, x2, y, mean, inv_std, gamma, relu):
+    """Batch norm's gradients in eval mode, for (M, C) arrays: the statistics are constants, so it
+    is a per-channel affine map (y, the forward output, gives the ReLU mask)."""
+    if relu:
+        g = np.where(y > 0, g, 0).astype(g.dtype)
+    dx = (g * (gamma * inv_std).astype(g.dtype))
+    dgamma = (g * ((x2 - mean) * inv_std)).sum(axis=0).astype(g.dtype)
+    dbeta = g.sum(axis=0)
+    return dx, dgamma, dbeta
+
+
+class BatchNormReluPool(Function):
+    """max_pool2d(batch_norm(x, relu=True), 2) of NHWC x as one op: the same values as BatchNorm
+    followed by MaxPool2d, bit for bit (statistics, running-statistics update and `sync` as there),
+    without the full-size activation between them or its gradient (kernels.batch_norm_relu_pool).
+    An odd last row or column is left out of the pooling, as max_pool2d does, but not of the
+    statistics."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
+                sync=None):
+        if x.ndim != 4:
+            raise ValueError(f"batch_norm_relu_pool expects NHWC input, got shape {x.shape}")
+        mean, inv_std = _normalization_statistics(x.reshape(-1, x.shape[-1]), running_mean, running_var,
+                                                  training, momentum, eps, sync)
+        scale = gamma * inv_std
+        shift = beta - mean * scale
+        out, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
+        ctx.save_for_backward(x, argmax, mean, inv_std, gamma, scale, shift)
+        ctx.training, ctx.sync = training, sync
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, argmax, mean, inv_std, gamma, scale, shift = ctx.saved
+        if ctx.training:
+            return kernels.batch_norm_relu_pool_backward(grad, argmax, x, scale, shift, mean, inv_std, gamma,
+                                                         ctx.sync)
+        # eval (rare: no training step runs it): the unfused path's arithmetic on the unpooled gradient
+        x2 = x.reshape(-1, x.shape[-1])
+        dy = kernels.unpool_2x2(grad, argmax, x.shape).reshape(x2.shape)
+        y = kernels.scale_shift(x2, scale, shift, relu=True)
+        dx, dgamma, dbeta = _batch_norm_eval_backward(dy, x2, y, mean, inv_std, gamma, relu=True)
+        return dx.reshape(x.shape), dgamma, dbeta
 
 
 class Dropout(Function):
@@ -479,6 +528,12 @@ def batch_norm(x, weight, bias, running_mean, running_var, training=True, moment
                relu=False, sync=None):
     return BatchNorm.apply(x, weight, bias, running_mean, running_var, training=training,
                            momentum=momentum, eps=eps, relu=relu, sync=sync)
+
+
+def batch_norm_relu_pool(x, weight, bias, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
+                         sync=None):
+    return BatchNormReluPool.apply(x, weight, bias, running_mean, running_var, training=training,
+                                   momentum=momentum, eps=eps, sync=sync)
 
 
 def dropout(x, p=0.5, training=True, rng=None):

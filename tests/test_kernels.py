@@ -205,6 +205,80 @@ def test_batch_norm_backward_matches_reference(case, dtype, relu):
         assert (y <= 0).any() and (y > 0).any()
 
 
+# ----------------------------------------------------------------------------- batch norm + ReLU + 2x2 max pool
+
+# (N, H, W, C): even sizes as in VGG, odd ones (the last row/column is in no window), one pixel
+BN_POOL_CASES = [(1, 2, 2, 1), (2, 4, 6, 3), (3, 7, 5, 4), (2, 8, 8, 16), (1, 1, 3, 2)]
+
+
+def bn_pool_affine(c, dtype=np.float64, seed=1):
+    """scale, shift as batch norm builds them (float64), pushing about a third of the values below 0."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.5, 1.5, c).astype(dtype), rng.uniform(-0.7, 0.3, c).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("case", BN_POOL_CASES, ids=str)
+def test_batch_norm_relu_pool_matches_reference(case, dtype):
+    x = random(case, dtype)
+    scale, shift = bn_pool_affine(case[-1])
+    out, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
+    ref_out, ref_argmax = kernels.batch_norm_relu_pool_reference(x, scale, shift)
+    assert out.shape == (case[0], case[1] // 2, case[2] // 2, case[3]) and out.dtype == dtype
+    assert argmax.dtype == np.uint8 and argmax.shape == out.shape
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(argmax, ref_argmax)
+
+
+@pytest.mark.parametrize("case", BN_POOL_CASES, ids=str)
+def test_batch_norm_relu_pool_ties_pick_the_first_maximum(case):
+    """Small integers tie often, and a window of negatives is all zeros after the ReLU: position 0."""
+    x = np.random.default_rng(4).integers(-3, 3, size=case).astype(np.float32)
+    scale, shift = np.ones(case[-1]), np.zeros(case[-1])
+    out, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
+    ref_out, ref_argmax = kernels.batch_norm_relu_pool_reference(x, scale, shift)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(argmax, ref_argmax)
+    negative = np.full(case, -1.0, np.float32)
+    _, argmax = kernels.batch_norm_relu_pool(negative, scale, shift)
+    np.testing.assert_array_equal(argmax, 0)
+
+
+def test_window_position_counts_row_by_row():
+    x = np.zeros((1, 2, 4, 1), np.float32)
+    x[0, 0, 1, 0] = x[0, 1, 2, 0] = 1.0  # top-right of the first window, bottom-left of the second
+    _, argmax = kernels.batch_norm_relu_pool(x, np.ones(1), np.zeros(1))
+    assert argmax.ravel().tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("case", BN_POOL_CASES, ids=str)
+def test_batch_norm_relu_pool_backward_matches_reference(case, dtype):
+    x = random(case, dtype) * 1.5 + 0.5
+    c = case[-1]
+    mean, var = kernels.channel_mean_var(x.reshape(-1, c))
+    inv_std = 1.0 / np.sqrt(var + 1e-5)
+    gamma, beta = bn_pool_affine(c, dtype, seed=2)
+    scale = gamma * inv_std
+    shift = beta - mean * scale
+    _, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
+    grad = random(argmax.shape, dtype, seed=3)
+    got = kernels.batch_norm_relu_pool_backward(grad, argmax, x, scale, shift, mean, inv_std, gamma)
+    want = kernels.batch_norm_relu_pool_backward_reference(grad, argmax, x, scale, shift, mean, inv_std, gamma)
+    for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want):
+        assert a.dtype == dtype and a.shape == b.shape, f"{name} is {a.dtype} {a.shape}"
+        tol = 1e-4 if dtype == np.float32 else 1e-10
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * (np.abs(b).max() + 1.0), err_msg=name)
+
+
+def test_unpool_2x2_puts_each_gradient_at_its_window_position():
+    grad = np.array([1.0, 2.0], np.float32).reshape(1, 1, 2, 1)
+    dy = kernels.unpool_2x2(grad, np.array([3, 1], np.uint8).reshape(1, 1, 2, 1), (1, 3, 5, 1))
+    expected = np.zeros((3, 5))
+    expected[1, 1], expected[0, 3] = 1.0, 2.0
+    np.testing.assert_array_equal(dy[0, :, :, 0], expected)
+
+
 # ----------------------------------------------------------------------------- optimizer updates
 
 needs_optimizer_kernels = pytest.mark.skipif(not hasattr(kernels, "adamw_update"),

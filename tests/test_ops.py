@@ -436,6 +436,27 @@ def test_batch_norm_training_needs_two_values_per_channel():
         ops.batch_norm(leaf((1, 3)), leaf((3,)), leaf((3,)), np.zeros(3), np.ones(3), training=True)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 3), (1, 5, 3, 2)], ids=str)  # odd: a row, a column in no window
+def test_batch_norm_relu_pool_gradients(shape, training):
+    (x, gamma, beta), rm, rv = bn_inputs(shape, seed=3, relu=True, training=training)
+    check_gradients(lambda x, g, b: ops.batch_norm_relu_pool(x, g, b, rm.copy(), rv.copy(), training=training),
+                    [x, gamma, beta], names=["x", "gamma", "beta"])
+
+
+def test_batch_norm_relu_pool_forward_matches_formula_and_loops():
+    (x, gamma, beta), rm, rv = bn_inputs((2, 4, 6, 3), seed=4, relu=False, training=True)
+    out = ops.batch_norm_relu_pool(x, gamma, beta, rm, rv, training=True)
+    x2 = x.data.reshape(-1, 3)
+    y = batch_norm_reference(x.data, gamma.data, beta.data, x2.mean(axis=0), x2.var(axis=0), 1e-5, relu=True)
+    np.testing.assert_allclose(out.data, max_pool_reference(y, 2, 2), rtol=1e-9, atol=1e-12)
+
+
+def test_batch_norm_relu_pool_wants_nhwc():
+    with pytest.raises(ValueError, match="NHWC"):
+        ops.batch_norm_relu_pool(leaf((6, 3)), leaf((3,)), leaf((3,)), np.zeros(3), np.ones(3))
+
+
 # ----------------------------------------------------------------------------- dropout
 
 def test_dropout_gradient_equals_the_mask():
@@ -509,6 +530,9 @@ FLOAT32_CASES = {
                                          np.zeros(3, np.float32), np.ones(3, np.float32), relu=True),
     "bn_eval": lambda x: ops.batch_norm(x, Tensor(np.ones(3, np.float32)), Tensor(np.zeros(3, np.float32)),
                                         np.zeros(3, np.float32), np.ones(3, np.float32), training=False),
+    "bn_relu_pool": lambda x: ops.batch_norm_relu_pool(x, Tensor(np.ones(3, np.float32)),
+                                                       Tensor(np.zeros(3, np.float32)), np.zeros(3, np.float32),
+                                                       np.ones(3, np.float32)),
     "dropout": lambda x: ops.dropout(x, 0.5, rng=np.random.default_rng(0)),
     "log_softmax": ops.log_softmax,
     "linear": lambda x: ops.linear(ops.flatten(x), Tensor(np.ones((2, 48), np.float32)),
