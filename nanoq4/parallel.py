@@ -92,33 +92,36 @@ _gemms = None  # {dtype: CBLAS GEMM} once looked up; empty when none was found
 
 def blas_gemm(dtype):
     """The CBLAS GEMM of NumPy's OpenBLAS for float32 or float64, as a ctypes function that Numba
-    kernels take as an argument and call without the GIL or Python's per-call cost (a loop of 36
-    ctypes calls from Python paid ~15 us each); None when not found (not OpenBLAS, or not its
+    kernels take as an argument and call without the GIL or Python's per-call cost (a Python loop
+    of ctypes calls pays both per GEMM); None when not found (not OpenBLAS, or not its
     64-bit-integer build). Arguments: order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta,
     C, ldc, with the matrices passed as addresses (64-bit integers: how a pointer travels on the
     64-bit platforms NumPy's wheels serve)."""
     global _gemms
     if _gemms is None:
-        _gemms = {}
-        for path in _mapped_openblas_paths():
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for names in _GEMM_FORMS:
-                functions = [getattr(lib, name, None) for name in names]
-                if None in functions or ctypes.sizeof(ctypes.c_void_p) != 8:
-                    continue
-                for function, real in zip(functions, (ctypes.c_float, ctypes.c_double)):
-                    i64, address = ctypes.c_int64, ctypes.c_uint64
-                    function.argtypes = ([ctypes.c_int] * 3 + [i64] * 3
-                                         + [real, address, i64, address, i64, real, address, i64])
-                    function.restype = None
-                _gemms = {np.dtype(np.float32): functions[0], np.dtype(np.float64): functions[1]}
-                break
-            if _gemms:
-                break
+        _gemms = _lookup_gemms()  # published whole: a worker thread never sees it half filled
     return _gemms.get(np.dtype(dtype))
+
+
+def _lookup_gemms():
+    if ctypes.sizeof(ctypes.c_void_p) != 8:
+        return {}
+    for path in _mapped_openblas_paths():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for names in _GEMM_FORMS:
+            functions = [getattr(lib, name, None) for name in names]
+            if None in functions:
+                continue
+            for function, real in zip(functions, (ctypes.c_float, ctypes.c_double)):
+                i64, address = ctypes.c_int64, ctypes.c_uint64
+                function.argtypes = ([ctypes.c_int] * 3 + [i64] * 3
+                                     + [real, address, i64, address, i64, real, address, i64])
+                function.restype = None
+            return {np.dtype(np.float32): functions[0], np.dtype(np.float64): functions[1]}
+    return {}
 
 
 def blas_available():

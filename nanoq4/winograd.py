@@ -628,8 +628,8 @@ def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_
     returned with keep_for_backward=True.
 
     Per chunk of images: dM = A dY A^T once, then dU += dM^T @ V (V recomputed from x) and
-    dV = dM @ U (backward_gemms), summed back into dx by the adjoint input transform. Each worker thread
-    accumulates its own dU; dw = G^T (sum of those) G at the end.
+    dV = dM @ U (backward_gemms), summed back into dx by the adjoint input transform. Each worker
+    thread accumulates its own dU; dw = G^T (sum of those) G at the end.
     """
     if not (need_x or need_w):
         return None, None
@@ -701,8 +701,14 @@ def backward_gemms(dm, u, v, du=None, dv=True):
     Cin), v (36, T, Cin), du (36, Cout, Cin), all views of (rows, 36, C) storage, one dtype.
     With NumPy's OpenBLAS (parallel.blas_gemm) one call of a Numba kernel runs them all in BLAS,
     summing dU with beta = 1; elsewhere backward_gemms_reference, the same in np.matmul."""
-    gemm = parallel.blas_gemm(dm.dtype)
+    _, tiles, cout = dm.shape
+    cin = v.shape[2]
+    expected = [(POSITIONS, tiles, cout), (POSITIONS, cout, cin), (POSITIONS, tiles, cin)]
     operands = (dm, u, v) if du is None else (dm, u, v, du)
+    if [a.shape for a in operands] != (expected + [expected[1]])[:len(operands)]:
+        raise ValueError(f"backward_gemms: shapes {[a.shape for a in operands]} are not dM (36, T, Cout), "
+                         f"U (36, Cout, Cin), V (36, T, Cin) and dU (36, Cout, Cin)")
+    gemm = parallel.blas_gemm(dm.dtype)
     if gemm is None or any(a.dtype != dm.dtype for a in operands):
         return backward_gemms_reference(dm, u, v, du, dv)
     du_storage = np.empty((0, POSITIONS, 0), dm.dtype) if du is None else _storage(du, out=True)

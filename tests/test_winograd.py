@@ -136,7 +136,8 @@ def test_backward_gemms_match_reference(t, cin, cout, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 def test_backward_gemms_do_only_what_is_asked(dtype):
-    dm, u, v, du = stored(9, 4, dtype, 10), stored(4, 3, dtype, 11), stored(9, 3, dtype, 12), stored(4, 3, dtype, 13)
+    dm, u = stored(9, 4, dtype, 10), stored(4, 3, dtype, 11)
+    v, du = stored(9, 3, dtype, 12), stored(4, 3, dtype, 13)
     v_before, du_before = v.copy(), du.copy()
     winograd.backward_gemms(dm, u, v, du, dv=False)
     np.testing.assert_array_equal(v, v_before, err_msg="dv=False: V must stay as it was")
@@ -145,6 +146,18 @@ def test_backward_gemms_do_only_what_is_asked(dtype):
     winograd.backward_gemms(dm, u, v, None)
     assert_close_to_scale(v, np.matmul(dm, u), dtype, "dV only")
     np.testing.assert_array_equal(du, du_before)
+
+
+def test_backward_gemms_refuse_mismatched_shapes():
+    """The BLAS kernel reads and writes through raw addresses: a wrong shape must stop before it."""
+    dm, u = stored(9, 4, np.float32, 10), stored(4, 3, np.float32, 11)
+    v, du = stored(9, 3, np.float32, 12), stored(4, 3, np.float32, 13)
+    with pytest.raises(ValueError, match="shapes"):
+        winograd.backward_gemms(dm, u, stored(8, 3, np.float32, 12), du)
+    with pytest.raises(ValueError, match="shapes"):
+        winograd.backward_gemms(dm, stored(3, 4, np.float32, 11), v, du)
+    with pytest.raises(ValueError, match="shapes"):
+        winograd.backward_gemms(dm, u, v, stored(3, 4, np.float32, 13))
 
 
 def test_backward_without_blas_gemm_uses_numpy_and_agrees(monkeypatch):
