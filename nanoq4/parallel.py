@@ -10,6 +10,10 @@ threadpoolctl does, without adding a dependency). The library is found among the
 this process has mapped (/proc/self/maps, Linux); elsewhere, or with a BLAS other than OpenBLAS,
 `blas_available()` is False and callers keep BLAS as it is.
 
+GEMM from Numba kernels. `blas_gemm` hands out OpenBLAS's CBLAS GEMM as a ctypes function, which a
+Numba kernel takes as an argument and calls in a loop without the GIL: Winograd's backward runs its
+72 small GEMMs per chunk that way, in one call from Python, with beta = 1 where it accumulates.
+
 Worker threads over chunks (winograd.py's scheduling). Parallelism there is over chunks of
 images, not inside them: each of numba.get_num_threads() worker threads takes whole chunks
 (transform, 16 single-threaded GEMMs, transform) and nothing synchronizes until the layer is done.
@@ -28,7 +32,7 @@ import ctypes
 import os
 
 import numba
-import numpy as np  # noqa: F401  (loads NumPy's BLAS, so it is mapped when we look)
+import numpy as np  # also loads NumPy's BLAS, so it is mapped when we look
 
 
 def set_threads(threads):
@@ -79,6 +83,47 @@ def _lookup():
     return _api
 
 
+# CBLAS GEMMs with 64-bit integer arguments (ILP64), as NumPy's OpenBLAS wheels export them.
+_GEMM_FORMS = [("scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_"), ("cblas_sgemm64_", "cblas_dgemm64_")]
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enum values
+
+_gemms = None  # {dtype: CBLAS GEMM} once looked up; empty when none was found
+
+
+def blas_gemm(dtype):
+    """The CBLAS GEMM of NumPy's OpenBLAS for float32 or float64, as a ctypes function that Numba
+    kernels take as an argument and call without the GIL or Python's per-call cost (a Python loop
+    of ctypes calls pays both per GEMM); None when not found (not OpenBLAS, or not its
+    64-bit-integer build). Arguments: order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta,
+    C, ldc, with the matrices passed as addresses (64-bit integers: how a pointer travels on the
+    64-bit platforms NumPy's wheels serve)."""
+    global _gemms
+    if _gemms is None:
+        _gemms = _lookup_gemms()  # published whole: a worker thread never sees it half filled
+    return _gemms.get(np.dtype(dtype))
+
+
+def _lookup_gemms():
+    if ctypes.sizeof(ctypes.c_void_p) != 8:
+        return {}
+    for path in _mapped_openblas_paths():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for names in _GEMM_FORMS:
+            functions = [getattr(lib, name, None) for name in names]
+            if None in functions:
+                continue
+            for function, real in zip(functions, (ctypes.c_float, ctypes.c_double)):
+                i64, address = ctypes.c_int64, ctypes.c_uint64
+                function.argtypes = ([ctypes.c_int] * 3 + [i64] * 3
+                                     + [real, address, i64, address, i64, real, address, i64])
+                function.restype = None
+            return {np.dtype(np.float32): functions[0], np.dtype(np.float64): functions[1]}
+    return {}
+
+
 def blas_available():
     """True when NumPy's BLAS is an OpenBLAS whose thread count can be changed here."""
     return bool(_lookup())
@@ -117,11 +162,18 @@ def blas_limit(threads):
 # ----------------------------------------------------------------------------- worker threads over chunks
 
 def split(n, item_bytes, chunk_bytes, threads):
-    """[(first, end), ...]: n items in consecutive chunks of about `chunk_bytes` (`item_bytes`
-    each), at least one item per chunk and at least one chunk per thread."""
+    """[(first, end), ...]: n items in consecutive chunks of at most `chunk_bytes` (`item_bytes`
+    each), at least one item per chunk. The chunks are as equal as the items allow and their
+    number is a multiple of `threads` (unless there are fewer items), so every thread gets the
+    same work: 128 items in chunks of at most 42 would otherwise be 42, 42, 42, 2, and one of two
+    threads would do 84 while the other did 44."""
+    if n == 0:
+        return []
     step = max(1, chunk_bytes // item_bytes)
-    step = min(step, -(-n // threads))
-    return [(s, min(n, s + step)) for s in range(0, n, step)]
+    count = -(-n // step)
+    count = min(n, -(-count // threads) * threads)
+    bounds = [n * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def worker_threads():

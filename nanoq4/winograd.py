@@ -53,8 +53,11 @@ The batch runs in chunks of images whose V and M take ~CHUNK_BYTES (and hold at 
 MIN_CHUNK_TILES tiles, so the GEMMs have enough rows), so the transforms and the GEMMs hand each
 other cache-resident data and memory stays flat at any batch size. The chunks run on worker
 threads, one per core, as parallel.py schedules them (that module explains why, and holds BLAS to
-one thread meanwhile). Each worker adds each chunk's dU into its own sum; backward's chunks hold at
-least twice the bytes of that (36, Cout, Cin) partial, so the sums stay a small share of the work.
+one thread meanwhile). Each worker adds each chunk's dU into its own (36, Cout, Cin) sum; backward's
+chunks hold at least twice the bytes of that sum, so reading and writing it per chunk stays a small
+share of the work. Backward's 72 GEMMs per chunk run in one Numba call to OpenBLAS's CBLAS GEMM
+(backward_gemms): dU accumulates inside the GEMM (beta = 1) instead of through a scratch product
+and a second pass to add it, and dV[k] = dM[k] @ U[k] follows dU[k] while dM[k] is in cache.
 
 Transform kernels loop over tiles (`prange`: parallel when called from the main thread, serial
 in a worker) with a loop over the channels innermost, which LLVM vectorizes. The two kernels that
@@ -73,6 +76,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import parallel
+from .parallel import NO_TRANS, ROW_MAJOR, TRANS
 
 # The transform matrices of F(4x4, 3x3), points 0, 1, -1, 2, -2, infinity; the kernels below
 # hard-code their products.
@@ -624,8 +628,8 @@ def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_
     returned with keep_for_backward=True.
 
     Per chunk of images: dM = A dY A^T once, then dU += dM^T @ V (V recomputed from x) and
-    dV = dM @ U, summed back into dx by the adjoint input transform. Each worker thread
-    accumulates its own dU; dw = G^T (sum of those) G at the end.
+    dV = dM @ U (backward_gemms), summed back into dx by the adjoint input transform. Each worker
+    thread accumulates its own dU; dw = G^T (sum of those) G at the end.
     """
     if not (need_x or need_w):
         return None, None
@@ -642,8 +646,8 @@ def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_
     x, u = np.ascontiguousarray(x, dtype=dtype), _position_major(_storage(u).astype(dtype, copy=False))
     dx = np.empty(x.shape, dtype=dtype) if need_x else None
     threads = parallel.worker_threads()
-    # Each chunk adds a (36, Cout, Cin) partial dU into its thread's sum: keep chunks at least
-    # twice that size, or the sums cost more memory traffic than the chunk (8x8, 256 channels).
+    # Each chunk reads and writes its thread's (36, Cout, Cin) dU sum: keep chunks at least twice
+    # that size, or the sums cost more memory traffic than the chunk (8x8, 256 channels).
     chunk_bytes = max(chunk_bytes, 2 * POSITIONS * cin * cout * grad_y.itemsize) if need_w else chunk_bytes
     chunks = _chunks(n, h, wd, cin + cout, grad_y.itemsize, chunk_bytes, threads)
     max_tiles = max(tiles for _, _, tiles in chunks)
@@ -652,16 +656,14 @@ def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_
         v_flat = np.empty(POSITIONS * max_tiles * cin, dtype=dtype)  # V, then dV
         m_flat = np.empty(POSITIONS * max_tiles * cout, dtype=dtype)
         du = _position_major(np.zeros((cout, POSITIONS, cin), dtype=dtype)) if need_w else None
-        partial_du = np.empty((POSITIONS, cout, cin), dtype=dtype) if need_w else None
         for s, e, tiles in my_chunks:
             dm = output_transform_adjoint(grad_y[s:e], out=_buffer(m_flat, tiles, cout))
+            v = _buffer(v_flat, tiles, cin)
             if need_w:
-                v = input_transform(x[s:e], out=_buffer(v_flat, tiles, cin))
-                # 36 GEMMs (Cout, tiles) @ (tiles, Cin); dM[k]^T is a transposed view BLAS reads as is
-                du += np.matmul(dm.transpose(0, 2, 1), v, out=partial_du)
+                input_transform(x[s:e], out=v)
+            backward_gemms(dm, u, v, du, dv=need_x)  # du += dM^T @ V; V becomes dV = dM @ U
             if need_x:
-                dv = np.matmul(dm, u, out=_buffer(v_flat, tiles, cin))  # (tiles, Cout) @ (Cout, Cin)
-                input_transform_adjoint(dv, dx[s:e].shape, out=dx[s:e])
+                input_transform_adjoint(v, dx[s:e].shape, out=dx[s:e])
         return du
 
     du, *others = parallel.run_on_threads(chunks, threads, worker, "winograd")
@@ -670,6 +672,57 @@ def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_
     for partial_du in others:
         du += partial_du
     return dx, weight_transform_adjoint(du)
+
+
+# ----------------------------------------------------------------------------- backward GEMMs
+
+@njit(nogil=True, cache=True)
+def _backward_gemms_kernel(gemm, one, dm, u, v, du, need_w, need_x):
+    tiles, _, cout = dm.shape
+    cin = v.shape[2]
+    # (rows, 36, C) storage: matrix k starts k * C elements in; its rows are 36 * C apart
+    dm_0, u_0, v_0, du_0 = dm.ctypes.data, u.ctypes.data, v.ctypes.data, du.ctypes.data
+    ld_m, ld_c = POSITIONS * cout, POSITIONS * cin
+    for k in range(POSITIONS):
+        dm_k = dm_0 + np.uint64(k * cout * dm.itemsize)
+        v_k = v_0 + np.uint64(k * cin * v.itemsize)
+        offset_c = np.uint64(k * cin * u.itemsize)
+        if need_w:  # dU[k] += dM[k]^T @ V[k]: (Cout, tiles) @ (tiles, Cin), beta = 1
+            gemm(ROW_MAJOR, TRANS, NO_TRANS, cout, cin, tiles,
+                 one, dm_k, ld_m, v_k, ld_c, one, du_0 + offset_c, ld_c)
+        if need_x:  # dV[k] = dM[k] @ U[k]: (tiles, Cout) @ (Cout, Cin), over V[k], which dU[k] has used
+            gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, tiles, cin, cout,
+                 one, dm_k, ld_m, u_0 + offset_c, ld_c, one - one, v_k, ld_c)
+
+
+def backward_gemms(dm, u, v, du=None, dv=True):
+    """The GEMMs of one chunk's backward, per position k: du[k] += dM[k]^T @ V[k] (when `du` is
+    given) and dV[k] = dM[k] @ U[k] written over V[k] (when `dv`). dm (36, T, Cout), u (36, Cout,
+    Cin), v (36, T, Cin), du (36, Cout, Cin), all views of (rows, 36, C) storage, one dtype.
+    With NumPy's OpenBLAS (parallel.blas_gemm) one call of a Numba kernel runs them all in BLAS,
+    summing dU with beta = 1; elsewhere backward_gemms_reference, the same in np.matmul."""
+    _, tiles, cout = dm.shape
+    cin = v.shape[2]
+    expected = [(POSITIONS, tiles, cout), (POSITIONS, cout, cin), (POSITIONS, tiles, cin)]
+    operands = (dm, u, v) if du is None else (dm, u, v, du)
+    if [a.shape for a in operands] != (expected + [expected[1]])[:len(operands)]:
+        raise ValueError(f"backward_gemms: shapes {[a.shape for a in operands]} are not dM (36, T, Cout), "
+                         f"U (36, Cout, Cin), V (36, T, Cin) and dU (36, Cout, Cin)")
+    gemm = parallel.blas_gemm(dm.dtype)
+    if gemm is None or any(a.dtype != dm.dtype for a in operands):
+        return backward_gemms_reference(dm, u, v, du, dv)
+    du_storage = np.empty((0, POSITIONS, 0), dm.dtype) if du is None else _storage(du, out=True)
+    _backward_gemms_kernel(gemm, dm.dtype.type(1), _storage(dm), _storage(u), _storage(v, out=True),
+                           du_storage, du is not None, dv)
+    return du, v
+
+
+def backward_gemms_reference(dm, u, v, du=None, dv=True):
+    if du is not None:
+        du += np.matmul(dm.transpose(0, 2, 1), v)  # dM[k]^T is a transposed view BLAS reads as is
+    if dv:
+        np.matmul(dm, u, out=v)
+    return du, v
 
 
 # ----------------------------------------------------------------------------- references

@@ -92,6 +92,45 @@ def test_split_covers_every_item_once_and_feeds_every_thread(n, item_bytes, chun
     assert all((e - s) * item_bytes <= max(chunk_bytes, item_bytes) for s, e in chunks), "about chunk_bytes each"
 
 
+@pytest.mark.parametrize("n, step, threads", [(128, 42, 2), (128, 64, 2), (100, 30, 2), (7, 2, 3), (3, 1, 2),
+                                              (2, 1, 3)])
+def test_split_gives_every_thread_the_same_work(n, step, threads):
+    """Chunk sizes differ by at most one item and their number is a multiple of the threads (as
+    long as there are items for that): 128 items at most 42 per chunk are 4 x 32, not 42, 42, 42, 2."""
+    sizes = [e - s for s, e in parallel.split(n, 1, step, threads)]
+    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1, sizes
+    assert max(sizes) <= step, sizes
+    assert len(sizes) % threads == 0 or len(sizes) == n, f"{len(sizes)} chunks for {threads} threads"
+    assert parallel.split(0, 1, step, threads) == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+def test_blas_gemm_accumulates_with_beta_one(dtype):
+    gemm = parallel.blas_gemm(dtype)
+    if gemm is None:
+        pytest.skip("no CBLAS GEMM of NumPy's OpenBLAS here")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((7, 5)).astype(dtype)  # used transposed: (5, 7)
+    b = rng.standard_normal((7, 3)).astype(dtype)
+    c = rng.standard_normal((5, 3)).astype(dtype)
+    expected = c.astype(np.float64) + a.T.astype(np.float64) @ b
+    gemm(parallel.ROW_MAJOR, parallel.TRANS, parallel.NO_TRANS, 5, 3, 7, 1.0, a.ctypes.data, 5,
+         b.ctypes.data, 3, 1.0, c.ctypes.data, 3)
+    np.testing.assert_allclose(c, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
+def test_blas_gemm_is_none_without_openblas(monkeypatch):
+    monkeypatch.setattr(parallel, "_gemms", None)
+    monkeypatch.setattr(parallel, "_mapped_openblas_paths", lambda: [])
+    assert parallel.blas_gemm(np.float32) is None and parallel.blas_gemm(np.float64) is None
+
+
+def test_blas_gemm_is_found_on_linux_wheels():
+    if not (sys.platform.startswith("linux") and numpy_uses_openblas()):
+        pytest.skip("only NumPy's OpenBLAS on Linux exports the 64-bit-integer CBLAS GEMM we call")
+    assert parallel.blas_gemm(np.float32) is not None and parallel.blas_gemm(np.float64) is not None
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_run_on_threads_gives_each_chunk_to_exactly_one_worker(threads):
     def worker(my_chunks):

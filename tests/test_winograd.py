@@ -112,6 +112,69 @@ def test_weight_transforms_match_reference(cin, cout, dtype):
     assert_close_to_scale(dw, winograd.weight_transform_adjoint_reference(du), dtype, "dw")
 
 
+def stored(rows, channels, dtype, seed):
+    """A random (36, rows, C) view of (rows, 36, C) storage, as the transforms write."""
+    return random((rows, P, channels), dtype, seed).transpose(1, 0, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("t,cin,cout", [(1, 1, 1), (7, 3, 5), (130, 16, 9), (20, 64, 33)], ids=str)
+def test_backward_gemms_match_reference(t, cin, cout, dtype):
+    """The BLAS kernel adds dM^T @ V into a dU that already holds a sum (beta = 1, not 0) and
+    writes dM @ U over V only after dU has read it; T, Cin and Cout differ, so a swapped leading
+    dimension or offset shows."""
+    if parallel.blas_gemm(dtype) is None:
+        pytest.skip("no CBLAS GEMM of NumPy's OpenBLAS here: backward_gemms is its reference")
+    dm, u, v = stored(t, cout, dtype, 10), stored(cout, cin, dtype, 11), stored(t, cin, dtype, 12)
+    du = stored(cout, cin, dtype, 13)
+    du_ref, dv_ref = winograd.backward_gemms_reference(dm, u, v.copy(), du.copy())
+    du_out, dv_out = winograd.backward_gemms(dm, u, v, du)
+    assert du_out is du and dv_out is v, "results land in the arrays passed in"
+    assert_close_to_scale(du, du_ref, dtype, "dU")
+    assert_close_to_scale(v, dv_ref, dtype, "dV")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_backward_gemms_do_only_what_is_asked(dtype):
+    dm, u = stored(9, 4, dtype, 10), stored(4, 3, dtype, 11)
+    v, du = stored(9, 3, dtype, 12), stored(4, 3, dtype, 13)
+    v_before, du_before = v.copy(), du.copy()
+    winograd.backward_gemms(dm, u, v, du, dv=False)
+    np.testing.assert_array_equal(v, v_before, err_msg="dv=False: V must stay as it was")
+    assert_close_to_scale(du, du_before + np.matmul(dm.transpose(0, 2, 1), v_before), dtype, "dU only")
+    du_before = du.copy()
+    winograd.backward_gemms(dm, u, v, None)
+    assert_close_to_scale(v, np.matmul(dm, u), dtype, "dV only")
+    np.testing.assert_array_equal(du, du_before)
+
+
+def test_backward_gemms_refuse_mismatched_shapes():
+    """The BLAS kernel reads and writes through raw addresses: a wrong shape must stop before it."""
+    dm, u = stored(9, 4, np.float32, 10), stored(4, 3, np.float32, 11)
+    v, du = stored(9, 3, np.float32, 12), stored(4, 3, np.float32, 13)
+    with pytest.raises(ValueError, match="shapes"):
+        winograd.backward_gemms(dm, u, stored(8, 3, np.float32, 12), du)
+    with pytest.raises(ValueError, match="shapes"):
+        winograd.backward_gemms(dm, stored(3, 4, np.float32, 11), v, du)
+    with pytest.raises(ValueError, match="shapes"):
+        winograd.backward_gemms(dm, u, v, stored(3, 4, np.float32, 13))
+
+
+def test_backward_without_blas_gemm_uses_numpy_and_agrees(monkeypatch):
+    """Where parallel.blas_gemm finds no CBLAS GEMM, backward runs its GEMMs in np.matmul."""
+    x, w, g = operands(3, 8, 7, 5, 6, np.float32)
+    _, saved = winograd.conv3x3_forward(x, w)
+    dx, dw = winograd.conv3x3_backward(g, saved)
+    monkeypatch.setattr(parallel, "blas_gemm", lambda dtype: None)
+    called = []
+    reference = winograd.backward_gemms_reference
+    monkeypatch.setattr(winograd, "backward_gemms_reference", lambda *a, **k: called.append(1) or reference(*a, **k))
+    dx1, dw1 = winograd.conv3x3_backward(g, saved)
+    assert called, "the NumPy twin must run when there is no BLAS GEMM"
+    np.testing.assert_allclose(dx1, dx, rtol=1e-5, atol=1e-5 * float(np.abs(dx).max()))
+    np.testing.assert_allclose(dw1, dw, rtol=1e-5, atol=1e-5 * float(np.abs(dw).max()))
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 2, 1), (2, 5, 7, 3), (1, 8, 6, 4), (1, 13, 9, 2)], ids=str)
 def test_reference_twins_are_adjoint_pairs(shape):
     """<T a, b> == <a, T^T b> for each transform and its adjoint, so backward is the exact
