@@ -196,11 +196,14 @@ def _channel_sums_kernel(x, chunks, step):
     m, c = x.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
+        total, squares = np.zeros(c), np.zeros(c)  # this chunk's sums, in registers/L1 rather than `partial`
         for r in range(t * step, min(m, (t + 1) * step)):
             for ch in range(c):
                 v = np.float64(x[r, ch])  # square in float64 too: E[x^2] - mean^2 cancels
-                partial[t, 0, ch] += v
-                partial[t, 1, ch] += v * v
+                total[ch] += v
+                squares[ch] += v * v
+        partial[t, 0] = total
+        partial[t, 1] = squares
     return partial.sum(axis=0)
 
 
@@ -244,18 +247,24 @@ def scale_shift(x2d, scale, shift, relu=False):
     return out
 
 
+# The ReLU mask is a select, not a branch: about half of the activations are off, in no pattern a
+# branch predictor could learn. g is float64 (0.0 is), and the float64 sums below are the same bits
+# whether a masked pixel adds 0.0 or nothing: a sum that starts at +0.0 is never -0.0, so adding a
+# zero leaves it unchanged.
+
 @njit(parallel=True, cache=True)
 def _bn_backward_sums_kernel(dy, x, y, mean, relu, chunks, step):
     m, c = x.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
+        total, weighted = np.zeros(c), np.zeros(c)
         for r in range(t * step, min(m, (t + 1) * step)):
             for ch in range(c):
-                g = dy[r, ch]
-                if relu and y[r, ch] <= 0.0:
-                    g = 0.0
-                partial[t, 0, ch] += g
-                partial[t, 1, ch] += g * (x[r, ch] - mean[ch])
+                g = 0.0 if relu and y[r, ch] <= 0.0 else np.float64(dy[r, ch])
+                total[ch] += g
+                weighted[ch] += g * (x[r, ch] - mean[ch])
+        partial[t, 0] = total
+        partial[t, 1] = weighted
     return partial.sum(axis=0)
 
 
@@ -264,9 +273,7 @@ def _bn_backward_dx_kernel(dy, x, y, mean, relu, a, b, d, dx):
     m, c = x.shape
     for r in prange(m):
         for ch in range(c):
-            g = dy[r, ch]
-            if relu and y[r, ch] <= 0.0:
-                g = 0.0
+            g = 0.0 if relu and y[r, ch] <= 0.0 else np.float64(dy[r, ch])
             dx[r, ch] = a[ch] * g - b[ch] * (x[r, ch] - mean[ch]) - d[ch]
 
 
@@ -316,12 +323,18 @@ def batch_norm_backward_reference(dy, x, y, mean, inv_std, gamma, relu):
 # VGG's blocks end in BN-ReLU then a 2x2 max pool. Fused, the full-size activation between them and
 # its full-size gradient are never stored: forward reads x once and writes the pooled quarter, with
 # each maximum's window position 0..3 (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) in a
-# uint8; backward recomputes the ReLU mask from x. Each value is computed by the same float32
+# uint8 and, for training, the input x at each maximum. Each value is computed by the same float32
 # expression as scale_shift, max_pool and the batch-norm backward kernels, so the results are those
 # of the unfused chain bit for bit. An odd last row or column is in no window, as in max_pool.
+#
+# Backward needs, per pixel, g: the pooled gradient if the pixel is its window's maximum and its
+# ReLU is on, else 0. The ReLU at the maximum is on exactly when the pooled output is > 0 (it is
+# max(v, 0) of that pixel's v), so the pooled output and the window position give g without x, and
+# the per-channel sums of g and g * (x - mean) need only the pooled arrays and x at the maxima: a
+# quarter of the data. Only dx, which every pixel has, reads x in full.
 
 @njit(parallel=True, cache=True)
-def _bn_relu_pool_kernel(x, scale, shift, out, argmax):
+def _bn_relu_pool_kernel(x, scale, shift, out, argmax, keep_x_max, x_max):
     n, h, w, c = x.shape
     oh, ow = out.shape[1], out.shape[2]
     for row in prange(n * oh):
@@ -337,16 +350,21 @@ def _bn_relu_pool_kernel(x, scale, shift, out, argmax):
                         best_pos = pos
                 out[img, i, j, ch] = best
                 argmax[img, i, j, ch] = best_pos
+                if keep_x_max:
+                    x_max[img, i, j, ch] = x[img, 2 * i + best_pos // 2, 2 * j + best_pos % 2, ch]
 
 
-def batch_norm_relu_pool(x, scale, shift):
+def batch_norm_relu_pool(x, scale, shift, keep_x_max=False):
     """max_pool(relu(x * scale + shift), 2, 2) of NHWC x in one pass: the pooled (N, H//2, W//2, C)
-    output, and as uint8 the window position 0..3 of each maximum (first maximum on ties)."""
+    output, and as uint8 the window position 0..3 of each maximum (first maximum on ties); with
+    `keep_x_max` also x at each maximum (N, H//2, W//2, C), which the backward wants."""
     n, h, w, c = x.shape
     out = np.empty((n, h // 2, w // 2, c), dtype=x.dtype)
     argmax = np.empty(out.shape, dtype=np.uint8)
-    _bn_relu_pool_kernel(np.ascontiguousarray(x), scale.astype(x.dtype), shift.astype(x.dtype), out, argmax)
-    return out, argmax
+    x_max = np.empty(out.shape if keep_x_max else (0, 0, 0, 0), dtype=x.dtype)
+    _bn_relu_pool_kernel(np.ascontiguousarray(x), scale.astype(x.dtype), shift.astype(x.dtype), out, argmax,
+                         keep_x_max, x_max)
+    return (out, argmax, x_max) if keep_x_max else (out, argmax)
 
 
 def window_position(flat_argmax, w):
@@ -371,29 +389,38 @@ def unpool_2x2(grad, argmax, x_shape):
 
 
 @njit(parallel=True, cache=True)
-def _bn_relu_pool_backward_sums_kernel(grad, argmax, x, scale, shift, mean, chunks, step):
-    # the rows (pixels), their order and the float64 products are those of _bn_backward_sums_kernel
-    # (where Numba types g as float64), so the sums are the same bits; pixels whose g is 0 there
-    # (not a window's maximum, or the ReLU off) add nothing and are skipped here
-    n, h, w, c = x.shape
-    oh, ow = grad.shape[1], grad.shape[2]
+def _bn_relu_pool_backward_sums_kernel(grad, argmax, out, x_max, mean, h, w, chunks, step):
+    # The sums of _bn_backward_sums_kernel over the unpooled gradient, the same bits: the same chunks of
+    # pixels r = (img*h + y)*w + xx, and within a chunk, per channel, the same terms in the same order
+    # (pixel rows one after another; in a row each window has at most one nonzero term, so windows in
+    # order are pixels in order). Pixels with g = 0 add nothing here, which leaves the float64 sums
+    # unchanged (see _bn_backward_sums_kernel).
+    n, oh, ow, c = grad.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
-        for r in range(t * step, min(n * h * w, (t + 1) * step)):
-            img, y, xx = r // (h * w), r // w % h, r % w
-            i, j, pos = y // 2, xx // 2, 2 * (y % 2) + xx % 2
-            if i >= oh or j >= ow:
-                continue  # the last row or column of an odd size: in no window
-            for ch in range(c):
-                if argmax[img, i, j, ch] == pos and x[img, y, xx, ch] * scale[ch] + shift[ch] > 0.0:
-                    g = np.float64(grad[img, i, j, ch])
-                    partial[t, 0, ch] += g
-                    partial[t, 1, ch] += g * (x[img, y, xx, ch] - mean[ch])
+        total, weighted = np.zeros(c), np.zeros(c)
+        first, end = t * step, min(n * h * w, (t + 1) * step)
+        for line in range(first // w, (end + w - 1) // w):  # pixel rows this chunk touches
+            img, y = line // h, line % h
+            i, half = y // 2, y % 2
+            if i >= oh:
+                continue  # the last row of an odd height: in no window
+            x0, x1 = max(first - line * w, 0), min(end - line * w, w)  # the chunk's pixels of this row
+            for j in range(x0 // 2, min(ow, (x1 + 1) // 2)):
+                for ch in range(c):
+                    pos = argmax[img, i, j, ch]
+                    xx = 2 * j + pos % 2
+                    here = (pos // 2 == half) & (xx >= x0) & (xx < x1) & (out[img, i, j, ch] > 0.0)
+                    g = np.float64(grad[img, i, j, ch]) if here else 0.0
+                    total[ch] += g
+                    weighted[ch] += g * (x_max[img, i, j, ch] - mean[ch])
+        partial[t, 0] = total
+        partial[t, 1] = weighted
     return partial.sum(axis=0)
 
 
 @njit(parallel=True, cache=True)
-def _bn_relu_pool_backward_dx_kernel(grad, argmax, x, scale, shift, mean, a, b, d, dx):
+def _bn_relu_pool_backward_dx_kernel(grad, argmax, out, x, mean, a, b, d, dx):
     n, h, w, c = x.shape
     oh, ow = grad.shape[1], grad.shape[2]
     for row in prange(n * h):
@@ -402,25 +429,26 @@ def _bn_relu_pool_backward_dx_kernel(grad, argmax, x, scale, shift, mean, a, b, 
             i, j, pos = y // 2, xx // 2, 2 * (y % 2) + xx % 2
             pooled = i < oh and j < ow
             for ch in range(c):
-                g = 0.0  # the gradient reaching this pixel's ReLU output
-                if pooled and argmax[img, i, j, ch] == pos and x[img, y, xx, ch] * scale[ch] + shift[ch] > 0.0:
-                    g = grad[img, i, j, ch]
+                # g: the gradient reaching this pixel's ReLU output (float64, as in _bn_backward_dx_kernel)
+                here = pooled and (argmax[img, i, j, ch] == pos) & (out[img, i, j, ch] > 0.0)
+                g = np.float64(grad[img, i, j, ch]) if here else 0.0
                 dx[img, y, xx, ch] = a[ch] * g - b[ch] * (x[img, y, xx, ch] - mean[ch]) - d[ch]
 
 
-def batch_norm_relu_pool_backward(grad, argmax, x, scale, shift, mean, inv_std, gamma, sync=None):
-    """Gradients of batch_norm_relu_pool with batch statistics (scale = gamma*inv_std, shift =
-    beta - mean*scale): dx (N, H, W, C), dgamma, dbeta, those of batch_norm_backward(relu=True)
-    of the unpooled gradient, with the same `sync`. Two passes over x: the per-channel sums, then dx."""
+def batch_norm_relu_pool_backward(grad, argmax, out, x_max, x, mean, inv_std, gamma, sync=None):
+    """Gradients of batch_norm_relu_pool with batch statistics, from its forward's output `out`,
+    window positions `argmax` and `x_max` (keep_x_max): dx (N, H, W, C), dgamma, dbeta, those of
+    batch_norm_backward(relu=True) of the unpooled gradient, with the same `sync`. The per-channel
+    sums read only pooled arrays; dx is the one pass over x."""
     n, h, w, c = x.shape
     x = np.ascontiguousarray(x)
     grad = np.ascontiguousarray(grad)
-    scale, shift, mean32 = scale.astype(x.dtype), shift.astype(x.dtype), mean.astype(x.dtype)
+    mean32 = mean.astype(x.dtype)
     chunks, step = _row_chunks(n * h * w)
-    sums = _bn_relu_pool_backward_sums_kernel(grad, argmax, x, scale, shift, mean32, chunks, step)
+    sums = _bn_relu_pool_backward_sums_kernel(grad, argmax, out, x_max, mean32, h, w, chunks, step)
     a, b, d, dgamma, dbeta = _bn_backward_coefficients(sums, n * h * w, inv_std, gamma, sync)
     dx = np.empty_like(x)
-    _bn_relu_pool_backward_dx_kernel(grad, argmax, x, scale, shift, mean32, a.astype(x.dtype), b.astype(x.dtype),
+    _bn_relu_pool_backward_dx_kernel(grad, argmax, out, x, mean32, a.astype(x.dtype), b.astype(x.dtype),
                                      d.astype(x.dtype), dx)
     return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
 

@@ -379,18 +379,22 @@ class BatchNormReluPool(Function):
                                                   training, momentum, eps, sync)
         scale = gamma * inv_std
         shift = beta - mean * scale
-        out, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
-        ctx.save_for_backward(x, argmax, mean, inv_std, gamma, scale, shift)
+        if training and any(ctx.needs_input_grad):
+            out, argmax, x_max = kernels.batch_norm_relu_pool(x, scale, shift, keep_x_max=True)
+            ctx.save_for_backward(x, argmax, out, x_max, mean, inv_std, gamma)
+        else:
+            out, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
+            ctx.save_for_backward(x, argmax, mean, inv_std, gamma, scale, shift)
         ctx.training, ctx.sync = training, sync
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, argmax, mean, inv_std, gamma, scale, shift = ctx.saved
         if ctx.training:
-            return kernels.batch_norm_relu_pool_backward(grad, argmax, x, scale, shift, mean, inv_std, gamma,
-                                                         ctx.sync)
+            x, argmax, out, x_max, mean, inv_std, gamma = ctx.saved
+            return kernels.batch_norm_relu_pool_backward(grad, argmax, out, x_max, x, mean, inv_std, gamma, ctx.sync)
         # eval (rare: no training step runs it): the unfused path's arithmetic on the unpooled gradient
+        x, argmax, mean, inv_std, gamma, scale, shift = ctx.saved
         x2 = x.reshape(-1, x.shape[-1])
         dy = kernels.unpool_2x2(grad, argmax, x.shape).reshape(x2.shape)
         y = kernels.scale_shift(x2, scale, shift, relu=True)
