@@ -231,19 +231,32 @@ def channel_mean_var_reference(x2d):
     return x.mean(axis=0), x.var(axis=0)
 
 
+@njit(inline="always")
+def _affine(v, bias, add_bias, scale, shift):
+    """(v + bias) * scale + shift in v's precision, the bias left out (not added as 0.0, which would
+    turn a -0.0 into +0.0) without `add_bias`."""
+    if add_bias:
+        v = v + bias
+    return v * scale + shift
+
+
 @njit(parallel=True, cache=True)
-def _scale_shift_kernel(x, scale, shift, relu, out):
+def _scale_shift_kernel(x, bias, add_bias, scale, shift, relu, out):
     m, c = x.shape
     for r in prange(m):
         for ch in range(c):
-            v = x[r, ch] * scale[ch] + shift[ch]
+            v = _affine(x[r, ch], bias[ch], add_bias, scale[ch], shift[ch])
             out[r, ch] = max(v, 0.0) if relu else v
 
 
-def scale_shift(x2d, scale, shift, relu=False):
-    """out = x * scale + shift per column (the affine part of batch norm), optionally ReLU'd."""
+def scale_shift(x2d, scale, shift, relu=False, bias=None):
+    """out = x * scale + shift per column (the affine part of batch norm), optionally ReLU'd. `bias`
+    (per column) is added to x first, rounded as x + bias alone would be: a convolution's bias, whose
+    own pass over the activations this saves (eval forwards)."""
     out = np.empty_like(x2d)
-    _scale_shift_kernel(x2d, scale.astype(x2d.dtype), shift.astype(x2d.dtype), relu, out)
+    add_bias = bias is not None
+    bias = bias.astype(x2d.dtype) if add_bias else np.zeros(x2d.shape[1], x2d.dtype)
+    _scale_shift_kernel(x2d, bias, add_bias, scale.astype(x2d.dtype), shift.astype(x2d.dtype), relu, out)
     return out
 
 
@@ -334,17 +347,18 @@ def batch_norm_backward_reference(dy, x, y, mean, inv_std, gamma, relu):
 # quarter of the data. Only dx, which every pixel has, reads x in full.
 
 @njit(parallel=True, cache=True)
-def _bn_relu_pool_kernel(x, scale, shift, out, argmax, keep_x_max, x_max):
+def _bn_relu_pool_kernel(x, bias, add_bias, scale, shift, out, argmax, keep_x_max, x_max):
     n, h, w, c = x.shape
     oh, ow = out.shape[1], out.shape[2]
     for row in prange(n * oh):
         img, i = row // oh, row % oh
         for j in range(ow):
             for ch in range(c):
-                best = max(x[img, 2 * i, 2 * j, ch] * scale[ch] + shift[ch], 0.0)
+                best = max(_affine(x[img, 2 * i, 2 * j, ch], bias[ch], add_bias, scale[ch], shift[ch]), 0.0)
                 best_pos = 0
                 for pos in range(1, 4):  # the first maximum wins a tie, as in max_pool
-                    v = max(x[img, 2 * i + pos // 2, 2 * j + pos % 2, ch] * scale[ch] + shift[ch], 0.0)
+                    xv = x[img, 2 * i + pos // 2, 2 * j + pos % 2, ch]
+                    v = max(_affine(xv, bias[ch], add_bias, scale[ch], shift[ch]), 0.0)
                     if v > best:
                         best = v
                         best_pos = pos
@@ -354,16 +368,21 @@ def _bn_relu_pool_kernel(x, scale, shift, out, argmax, keep_x_max, x_max):
                     x_max[img, i, j, ch] = x[img, 2 * i + best_pos // 2, 2 * j + best_pos % 2, ch]
 
 
-def batch_norm_relu_pool(x, scale, shift, keep_x_max=False):
+def batch_norm_relu_pool(x, scale, shift, keep_x_max=False, bias=None):
     """max_pool(relu(x * scale + shift), 2, 2) of NHWC x in one pass: the pooled (N, H//2, W//2, C)
     output, and as uint8 the window position 0..3 of each maximum (first maximum on ties); with
-    `keep_x_max` also x at each maximum (N, H//2, W//2, C), which the backward wants."""
+    `keep_x_max` also x at each maximum (N, H//2, W//2, C), which the backward wants. `bias` as in
+    scale_shift (not with keep_x_max)."""
     n, h, w, c = x.shape
     out = np.empty((n, h // 2, w // 2, c), dtype=x.dtype)
     argmax = np.empty(out.shape, dtype=np.uint8)
     x_max = np.empty(out.shape if keep_x_max else (0, 0, 0, 0), dtype=x.dtype)
-    _bn_relu_pool_kernel(np.ascontiguousarray(x), scale.astype(x.dtype), shift.astype(x.dtype), out, argmax,
-                         keep_x_max, x_max)
+    add_bias = bias is not None
+    if add_bias and keep_x_max:
+        raise ValueError("batch_norm_relu_pool keeps x at the maxima only without a bias")
+    bias = bias.astype(x.dtype) if add_bias else np.zeros(c, x.dtype)
+    _bn_relu_pool_kernel(np.ascontiguousarray(x), bias, add_bias, scale.astype(x.dtype), shift.astype(x.dtype),
+                         out, argmax, keep_x_max, x_max)
     return (out, argmax, x_max) if keep_x_max else (out, argmax)
 
 

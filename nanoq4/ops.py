@@ -307,15 +307,17 @@ class BatchNorm(Function):
     unbiased running variance, as PyTorch); eval uses the running statistics. `relu=True`
     fuses the following ReLU into the same pass (forward and backward). `sync` (data-parallel
     training with --sync-bn) sums the per-channel statistics over the ranks: (sums, m) -> totals.
+    `input_bias` (eval without gradients): normalize x + input_bias, rounded as that sum alone would be.
     """
 
     @staticmethod
     def forward(ctx, x, gamma, beta, running_mean, running_var, training=True, momentum=0.1,
-                eps=1e-5, relu=False, sync=None):
+                eps=1e-5, relu=False, sync=None, input_bias=None):
+        _check_input_bias(ctx, input_bias, training)
         x2 = x.reshape(-1, x.shape[-1])
         mean, inv_std = _normalization_statistics(x2, running_mean, running_var, training, momentum, eps, sync)
         scale = gamma * inv_std
-        y = kernels.scale_shift(x2, scale, beta - mean * scale, relu)
+        y = kernels.scale_shift(x2, scale, beta - mean * scale, relu, bias=input_bias)
         ctx.save_for_backward(x2, y, mean, inv_std, gamma)
         ctx.training, ctx.relu, ctx.shape, ctx.sync = training, relu, x.shape, sync
         return y.reshape(x.shape)
@@ -329,6 +331,13 @@ class BatchNorm(Function):
         else:
             dx, dgamma, dbeta = _batch_norm_eval_backward(g, x2, y, mean, inv_std, gamma, ctx.relu)
         return dx.reshape(ctx.shape), dgamma, dbeta
+
+
+def _check_input_bias(ctx, input_bias, training):
+    """`input_bias` (the preceding convolution's bias, added in the batch norm's pass instead of a pass of
+    its own: nn.Sequential) is for eval forwards that record no graph: backward would need x + bias."""
+    if input_bias is not None and (training or any(ctx.needs_input_grad)):
+        raise ValueError("batch norm adds an input bias only in eval mode without gradients")
 
 
 def _normalization_statistics(x2, running_mean, running_var, training, momentum, eps, sync):
@@ -372,9 +381,10 @@ class BatchNormReluPool(Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
-                sync=None):
+                sync=None, input_bias=None):
         if x.ndim != 4:
             raise ValueError(f"batch_norm_relu_pool expects NHWC input, got shape {x.shape}")
+        _check_input_bias(ctx, input_bias, training)
         mean, inv_std = _normalization_statistics(x.reshape(-1, x.shape[-1]), running_mean, running_var,
                                                   training, momentum, eps, sync)
         scale = gamma * inv_std
@@ -383,7 +393,7 @@ class BatchNormReluPool(Function):
             out, argmax, x_max = kernels.batch_norm_relu_pool(x, scale, shift, keep_x_max=True)
             ctx.save_for_backward(x, argmax, out, x_max, mean, inv_std, gamma)
         else:
-            out, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
+            out, argmax = kernels.batch_norm_relu_pool(x, scale, shift, bias=input_bias)
             ctx.save_for_backward(x, argmax, mean, inv_std, gamma, scale, shift)
         ctx.training, ctx.sync = training, sync
         return out
@@ -529,15 +539,15 @@ def global_avg_pool(x):
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
-               relu=False, sync=None):
+               relu=False, sync=None, input_bias=None):
     return BatchNorm.apply(x, weight, bias, running_mean, running_var, training=training,
-                           momentum=momentum, eps=eps, relu=relu, sync=sync)
+                           momentum=momentum, eps=eps, relu=relu, sync=sync, input_bias=input_bias)
 
 
 def batch_norm_relu_pool(x, weight, bias, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
-                         sync=None):
+                         sync=None, input_bias=None):
     return BatchNormReluPool.apply(x, weight, bias, running_mean, running_var, training=training,
-                                   momentum=momentum, eps=eps, sync=sync)
+                                   momentum=momentum, eps=eps, sync=sync, input_bias=input_bias)
 
 
 def dropout(x, p=0.5, training=True, rng=None):

@@ -141,6 +141,44 @@ def test_a_batch_norm_at_the_end_of_a_sequential_is_not_fused():
     assert "BatchNormReluPool.forward" not in calls
 
 
+def conv_bn_model(seed=0, conv_bias=True):
+    """conv -> BN-ReLU -> pool -> conv -> BN-ReLU, in eval with running statistics away from 0 and 1."""
+    nn.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=conv_bias), nn.BatchNorm2d(4, relu=True),
+                          nn.MaxPool2d(2), nn.QConv2d(4, 5, 3, padding=1, bias=conv_bias),
+                          nn.BatchNorm2d(5, relu=True))
+    rng = np.random.default_rng(seed)
+    for bn in (model[1], model[4]):
+        c = len(bn.running_mean)
+        bn.running_mean[...] = rng.uniform(-0.3, 0.3, c)
+        bn.running_var[...] = rng.uniform(0.5, 2.0, c)
+        bn.bias.data[...] = rng.uniform(-0.3, 0.3, c)
+    return model.eval()
+
+
+@pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "no-bias"])
+def test_eval_batch_norm_adding_the_conv_bias_gives_the_layer_by_layer_bits(conv_bias):
+    model = conv_bn_model(conv_bias=conv_bias)
+    x = Tensor(np.random.default_rng(1).standard_normal((3, 6, 6, 3)).astype(np.float32))
+    with no_grad():
+        assert_same_bits(model(x).data, layer_by_layer(model, x).data, "eval output")
+
+
+def test_the_conv_bias_moves_into_the_batch_norm_only_in_eval_without_gradients():
+    model = conv_bn_model()
+    conv, bn = model[0], model[1]
+    with no_grad():
+        assert bn.takes_bias_of(conv)
+        assert not bn.takes_bias_of(model[2]), "not a convolution"
+        model.train()
+        assert not bn.takes_bias_of(conv), "training: the statistics and backward want x + bias stored"
+    model.eval()
+    assert not bn.takes_bias_of(conv), "a graph is recorded: backward would need x + bias"
+    with pytest.raises(ValueError, match="input bias"):
+        ops.batch_norm(Tensor(np.ones((2, 2, 2, 4), np.float32)), bn.weight, bn.bias, bn.running_mean,
+                       bn.running_var, training=False, input_bias=conv.bias.data)
+
+
 def test_vgg4bit_runs_each_block_end_fused():
     _, calls = op_calls(models.vgg4bit().eval(), Tensor(np.zeros((1, 32, 32, 3), np.float32)))
     assert calls.get("BatchNormReluPool.forward") == 3 and "MaxPool2d.forward" not in calls, calls
