@@ -196,14 +196,11 @@ def _channel_sums_kernel(x, chunks, step):
     m, c = x.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
-        total, squares = np.zeros(c), np.zeros(c)  # this chunk's sums, in registers/L1 rather than `partial`
         for r in range(t * step, min(m, (t + 1) * step)):
             for ch in range(c):
                 v = np.float64(x[r, ch])  # square in float64 too: E[x^2] - mean^2 cancels
-                total[ch] += v
-                squares[ch] += v * v
-        partial[t, 0] = total
-        partial[t, 1] = squares
+                partial[t, 0, ch] += v
+                partial[t, 1, ch] += v * v
     return partial.sum(axis=0)
 
 
@@ -231,21 +228,15 @@ def channel_mean_var_reference(x2d):
     return x.mean(axis=0), x.var(axis=0)
 
 
-@njit(inline="always")
-def _affine(v, bias, add_bias, scale, shift):
-    """(v + bias) * scale + shift in v's precision, the bias left out (not added as 0.0, which would
-    turn a -0.0 into +0.0) without `add_bias`."""
-    if add_bias:
-        v = v + bias
-    return v * scale + shift
-
-
 @njit(parallel=True, cache=True)
-def _scale_shift_kernel(x, bias, add_bias, scale, shift, relu, out):
+def _scale_shift_kernel(x, bias, scale, shift, relu, out):
     m, c = x.shape
     for r in prange(m):
         for ch in range(c):
-            v = _affine(x[r, ch], bias[ch], add_bias, scale[ch], shift[ch])
+            xb = x[r, ch]
+            if bias is not None:  # a None argument: Numba compiles the branch away
+                xb = xb + bias[ch]
+            v = xb * scale[ch] + shift[ch]
             out[r, ch] = max(v, 0.0) if relu else v
 
 
@@ -254,30 +245,23 @@ def scale_shift(x2d, scale, shift, relu=False, bias=None):
     (per column) is added to x first, rounded as x + bias alone would be: a convolution's bias, whose
     own pass over the activations this saves (eval forwards)."""
     out = np.empty_like(x2d)
-    add_bias = bias is not None
-    bias = bias.astype(x2d.dtype) if add_bias else np.zeros(x2d.shape[1], x2d.dtype)
-    _scale_shift_kernel(x2d, bias, add_bias, scale.astype(x2d.dtype), shift.astype(x2d.dtype), relu, out)
+    bias = None if bias is None else bias.astype(x2d.dtype)
+    _scale_shift_kernel(x2d, bias, scale.astype(x2d.dtype), shift.astype(x2d.dtype), relu, out)
     return out
 
-
-# The ReLU mask is a select, not a branch: about half of the activations are off, in no pattern a
-# branch predictor could learn. g is float64 (0.0 is), and the float64 sums below are the same bits
-# whether a masked pixel adds 0.0 or nothing: a sum that starts at +0.0 is never -0.0, so adding a
-# zero leaves it unchanged.
 
 @njit(parallel=True, cache=True)
 def _bn_backward_sums_kernel(dy, x, y, mean, relu, chunks, step):
     m, c = x.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
-        total, weighted = np.zeros(c), np.zeros(c)
         for r in range(t * step, min(m, (t + 1) * step)):
             for ch in range(c):
-                g = 0.0 if relu and y[r, ch] <= 0.0 else np.float64(dy[r, ch])
-                total[ch] += g
-                weighted[ch] += g * (x[r, ch] - mean[ch])
-        partial[t, 0] = total
-        partial[t, 1] = weighted
+                g = dy[r, ch]
+                if relu and y[r, ch] <= 0.0:
+                    g = 0.0
+                partial[t, 0, ch] += g
+                partial[t, 1, ch] += g * (x[r, ch] - mean[ch])
     return partial.sum(axis=0)
 
 
@@ -286,7 +270,9 @@ def _bn_backward_dx_kernel(dy, x, y, mean, relu, a, b, d, dx):
     m, c = x.shape
     for r in prange(m):
         for ch in range(c):
-            g = 0.0 if relu and y[r, ch] <= 0.0 else np.float64(dy[r, ch])
+            g = dy[r, ch]
+            if relu and y[r, ch] <= 0.0:
+                g = 0.0
             dx[r, ch] = a[ch] * g - b[ch] * (x[r, ch] - mean[ch]) - d[ch]
 
 
@@ -347,42 +333,46 @@ def batch_norm_backward_reference(dy, x, y, mean, inv_std, gamma, relu):
 # quarter of the data. Only dx, which every pixel has, reads x in full.
 
 @njit(parallel=True, cache=True)
-def _bn_relu_pool_kernel(x, bias, add_bias, scale, shift, out, argmax, keep_x_max, x_max):
+def _bn_relu_pool_kernel(x, bias, scale, shift, out, argmax, x_max):
+    # bias and x_max may be None: Numba compiles the branches on them away, so each variant runs
+    # as a plain loop over channels
     n, h, w, c = x.shape
     oh, ow = out.shape[1], out.shape[2]
     for row in prange(n * oh):
         img, i = row // oh, row % oh
         for j in range(ow):
             for ch in range(c):
-                best = max(_affine(x[img, 2 * i, 2 * j, ch], bias[ch], add_bias, scale[ch], shift[ch]), 0.0)
-                best_pos = 0
+                xv = x[img, 2 * i, 2 * j, ch]
+                xb = xv
+                if bias is not None:
+                    xb = xv + bias[ch]
+                best, best_pos, best_x = max(xb * scale[ch] + shift[ch], 0.0), 0, xv
                 for pos in range(1, 4):  # the first maximum wins a tie, as in max_pool
                     xv = x[img, 2 * i + pos // 2, 2 * j + pos % 2, ch]
-                    v = max(_affine(xv, bias[ch], add_bias, scale[ch], shift[ch]), 0.0)
+                    xb = xv
+                    if bias is not None:
+                        xb = xv + bias[ch]
+                    v = max(xb * scale[ch] + shift[ch], 0.0)
                     if v > best:
-                        best = v
-                        best_pos = pos
+                        best, best_pos, best_x = v, pos, xv
                 out[img, i, j, ch] = best
                 argmax[img, i, j, ch] = best_pos
-                if keep_x_max:
-                    x_max[img, i, j, ch] = x[img, 2 * i + best_pos // 2, 2 * j + best_pos % 2, ch]
+                if x_max is not None:
+                    x_max[img, i, j, ch] = best_x
 
 
 def batch_norm_relu_pool(x, scale, shift, keep_x_max=False, bias=None):
     """max_pool(relu(x * scale + shift), 2, 2) of NHWC x in one pass: the pooled (N, H//2, W//2, C)
     output, and as uint8 the window position 0..3 of each maximum (first maximum on ties); with
     `keep_x_max` also x at each maximum (N, H//2, W//2, C), which the backward wants. `bias` as in
-    scale_shift (not with keep_x_max)."""
+    scale_shift."""
     n, h, w, c = x.shape
     out = np.empty((n, h // 2, w // 2, c), dtype=x.dtype)
     argmax = np.empty(out.shape, dtype=np.uint8)
-    x_max = np.empty(out.shape if keep_x_max else (0, 0, 0, 0), dtype=x.dtype)
-    add_bias = bias is not None
-    if add_bias and keep_x_max:
-        raise ValueError("batch_norm_relu_pool keeps x at the maxima only without a bias")
-    bias = bias.astype(x.dtype) if add_bias else np.zeros(c, x.dtype)
-    _bn_relu_pool_kernel(np.ascontiguousarray(x), bias, add_bias, scale.astype(x.dtype), shift.astype(x.dtype),
-                         out, argmax, keep_x_max, x_max)
+    x_max = np.empty(out.shape, dtype=x.dtype) if keep_x_max else None
+    bias = None if bias is None else bias.astype(x.dtype)
+    _bn_relu_pool_kernel(np.ascontiguousarray(x), bias, scale.astype(x.dtype), shift.astype(x.dtype), out, argmax,
+                         x_max)
     return (out, argmax, x_max) if keep_x_max else (out, argmax)
 
 
