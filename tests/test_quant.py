@@ -213,7 +213,8 @@ def test_dequantize_refuses_a_scale_that_does_not_match_axis_0():
 # ----------------------------------------------------------------------------- tanh soft clip
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("size", [1, 7, 1001, 3 * quant.CLIP_BLOCK + 5])  # the last: blocks on both threads
+# the last two: split in two for two threads, and in several blocks of CLIP_BLOCK
+@pytest.mark.parametrize("size", [1, 7, 1001, 2 * quant.CLIP_MIN_BLOCK + 3, 3 * quant.CLIP_BLOCK + 5])
 def test_tanh_soft_clip_equals_its_numpy_twin_bit_for_bit(dtype, size):
     w = random_weight(size, dtype) * 4
     got = w.copy()
