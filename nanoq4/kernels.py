@@ -192,23 +192,30 @@ def _row_chunks(m):
 
 
 @njit(parallel=True, cache=True)
-def _channel_sums_kernel(x, chunks, step):
+def _channel_sums_kernel(x, bias, chunks, step):
     m, c = x.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
         for r in range(t * step, min(m, (t + 1) * step)):
             for ch in range(c):
-                v = np.float64(x[r, ch])  # square in float64 too: E[x^2] - mean^2 cancels
+                xb = x[r, ch]
+                if bias is not None:  # a None argument: Numba compiles the branch away
+                    xb = xb + bias[ch]
+                v = np.float64(xb)  # square in float64 too: E[x^2] - mean^2 cancels
                 partial[t, 0, ch] += v
                 partial[t, 1, ch] += v * v
     return partial.sum(axis=0)
 
 
-def channel_sums(x2d):
-    """Per-column sum and sum of squares of a (M, C) array as float64 (2, C): what batch norm
-    synchronized across data-parallel ranks adds up."""
+def channel_sums(x2d, bias=None):
+    """Per-column sum and sum of squares of a (M, C) array (of x + bias, see scale_shift) as float64
+    (2, C): what batch norm synchronized across data-parallel ranks adds up."""
     chunks, step = _row_chunks(x2d.shape[0])
-    return _channel_sums_kernel(x2d, chunks, step)
+    return _channel_sums_kernel(x2d, _as_bias(bias, x2d.dtype), chunks, step)
+
+
+def _as_bias(bias, dtype):
+    return None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
 
 
 def mean_var_from_sums(sums, m):
@@ -242,16 +249,16 @@ def _scale_shift_kernel(x, bias, scale, shift, relu, out):
 
 def scale_shift(x2d, scale, shift, relu=False, bias=None):
     """out = x * scale + shift per column (the affine part of batch norm), optionally ReLU'd. `bias`
-    (per column) is added to x first, rounded as x + bias alone would be: a convolution's bias, whose
-    own pass over the activations this saves (eval forwards)."""
+    (per column), here and in the other batch-norm kernels, is added to x first, rounded as x + bias
+    alone would be: the preceding convolution's bias, whose own pass over the activations this saves."""
     out = np.empty_like(x2d)
-    bias = None if bias is None else bias.astype(x2d.dtype)
+    bias = _as_bias(bias, x2d.dtype)
     _scale_shift_kernel(x2d, bias, scale.astype(x2d.dtype), shift.astype(x2d.dtype), relu, out)
     return out
 
 
 @njit(parallel=True, cache=True)
-def _bn_backward_sums_kernel(dy, x, y, mean, relu, chunks, step):
+def _bn_backward_sums_kernel(dy, x, bias, y, mean, relu, chunks, step):
     m, c = x.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
@@ -260,37 +267,44 @@ def _bn_backward_sums_kernel(dy, x, y, mean, relu, chunks, step):
                 g = dy[r, ch]
                 if relu and y[r, ch] <= 0.0:
                     g = 0.0
+                xb = x[r, ch]
+                if bias is not None:
+                    xb = xb + bias[ch]
                 partial[t, 0, ch] += g
-                partial[t, 1, ch] += g * (x[r, ch] - mean[ch])
+                partial[t, 1, ch] += g * (xb - mean[ch])
     return partial.sum(axis=0)
 
 
 @njit(parallel=True, cache=True)
-def _bn_backward_dx_kernel(dy, x, y, mean, relu, a, b, d, dx):
+def _bn_backward_dx_kernel(dy, x, bias, y, mean, relu, a, b, d, dx):
     m, c = x.shape
     for r in prange(m):
         for ch in range(c):
             g = dy[r, ch]
             if relu and y[r, ch] <= 0.0:
                 g = 0.0
-            dx[r, ch] = a[ch] * g - b[ch] * (x[r, ch] - mean[ch]) - d[ch]
+            xb = x[r, ch]
+            if bias is not None:
+                xb = xb + bias[ch]
+            dx[r, ch] = a[ch] * g - b[ch] * (xb - mean[ch]) - d[ch]
 
 
-def batch_norm_backward(dy, x, y, mean, inv_std, gamma, relu, sync=None):
+def batch_norm_backward(dy, x, y, mean, inv_std, gamma, relu, sync=None, bias=None):
     """Gradients of y = [relu](gamma * (x - mean) * inv_std + beta) with batch statistics,
     for (M, C) arrays: returns dx, dgamma, dbeta. `y` is the forward output (for the ReLU mask).
 
     dx = gamma*inv_std * (g - mean(g) - xhat * mean(g*xhat)), where g is dy masked by the ReLU.
     With `sync` (statistics over several data-parallel ranks: sums, m -> their totals over the
     ranks) the means run over the global batch; dgamma and dbeta stay this rank's part, which
-    the gradient sum over the ranks completes.
+    the gradient sum over the ranks completes. With `bias` the input is x + bias (scale_shift).
     """
     m = x.shape[0]
     chunks, step = _row_chunks(m)
-    sums = _bn_backward_sums_kernel(dy, x, y, mean.astype(x.dtype), relu, chunks, step)
+    bias = _as_bias(bias, x.dtype)
+    sums = _bn_backward_sums_kernel(dy, x, bias, y, mean.astype(x.dtype), relu, chunks, step)
     a, b, d, dgamma, dbeta = _bn_backward_coefficients(sums, m, inv_std, gamma, sync)
     dx = np.empty_like(x)
-    _bn_backward_dx_kernel(dy, x, y, mean.astype(x.dtype), relu, a.astype(x.dtype), b.astype(x.dtype),
+    _bn_backward_dx_kernel(dy, x, bias, y, mean.astype(x.dtype), relu, a.astype(x.dtype), b.astype(x.dtype),
                            d.astype(x.dtype), dx)
     return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
 
@@ -346,7 +360,7 @@ def _bn_relu_pool_kernel(x, bias, scale, shift, out, argmax, x_max):
                 xb = xv
                 if bias is not None:
                     xb = xv + bias[ch]
-                best, best_pos, best_x = max(xb * scale[ch] + shift[ch], 0.0), 0, xv
+                best, best_pos, best_x = max(xb * scale[ch] + shift[ch], 0.0), 0, xb
                 for pos in range(1, 4):  # the first maximum wins a tie, as in max_pool
                     xv = x[img, 2 * i + pos // 2, 2 * j + pos % 2, ch]
                     xb = xv
@@ -354,7 +368,7 @@ def _bn_relu_pool_kernel(x, bias, scale, shift, out, argmax, x_max):
                         xb = xv + bias[ch]
                     v = max(xb * scale[ch] + shift[ch], 0.0)
                     if v > best:
-                        best, best_pos, best_x = v, pos, xv
+                        best, best_pos, best_x = v, pos, xb
                 out[img, i, j, ch] = best
                 argmax[img, i, j, ch] = best_pos
                 if x_max is not None:
@@ -364,13 +378,13 @@ def _bn_relu_pool_kernel(x, bias, scale, shift, out, argmax, x_max):
 def batch_norm_relu_pool(x, scale, shift, keep_x_max=False, bias=None):
     """max_pool(relu(x * scale + shift), 2, 2) of NHWC x in one pass: the pooled (N, H//2, W//2, C)
     output, and as uint8 the window position 0..3 of each maximum (first maximum on ties); with
-    `keep_x_max` also x at each maximum (N, H//2, W//2, C), which the backward wants. `bias` as in
-    scale_shift."""
+    `keep_x_max` also x (+ bias) at each maximum (N, H//2, W//2, C), which the backward wants. `bias`
+    as in scale_shift."""
     n, h, w, c = x.shape
     out = np.empty((n, h // 2, w // 2, c), dtype=x.dtype)
     argmax = np.empty(out.shape, dtype=np.uint8)
     x_max = np.empty(out.shape, dtype=x.dtype) if keep_x_max else None
-    bias = None if bias is None else bias.astype(x.dtype)
+    bias = _as_bias(bias, x.dtype)
     _bn_relu_pool_kernel(np.ascontiguousarray(x), bias, scale.astype(x.dtype), shift.astype(x.dtype), out, argmax,
                          x_max)
     return (out, argmax, x_max) if keep_x_max else (out, argmax)
@@ -420,7 +434,9 @@ def _bn_relu_pool_backward_sums_kernel(grad, argmax, out, x_max, mean, h, w, chu
                     pos = argmax[img, i, j, ch]
                     xx = 2 * j + pos % 2
                     here = (pos // 2 == half) & (xx >= x0) & (xx < x1) & (out[img, i, j, ch] > 0.0)
-                    g = np.float64(grad[img, i, j, ch]) if here else 0.0
+                    g = 0.0  # float64 under Numba, as in _bn_backward_sums_kernel
+                    if here:
+                        g = grad[img, i, j, ch]
                     total[ch] += g
                     weighted[ch] += g * (x_max[img, i, j, ch] - mean[ch])
         partial[t, 0] = total
@@ -429,7 +445,7 @@ def _bn_relu_pool_backward_sums_kernel(grad, argmax, out, x_max, mean, h, w, chu
 
 
 @njit(parallel=True, cache=True)
-def _bn_relu_pool_backward_dx_kernel(grad, argmax, out, x, mean, a, b, d, dx):
+def _bn_relu_pool_backward_dx_kernel(grad, argmax, out, x, bias, mean, a, b, d, dx):
     n, h, w, c = x.shape
     oh, ow = grad.shape[1], grad.shape[2]
     for row in prange(n * h):
@@ -438,17 +454,20 @@ def _bn_relu_pool_backward_dx_kernel(grad, argmax, out, x, mean, a, b, d, dx):
             i, j, pos = y // 2, xx // 2, 2 * (y % 2) + xx % 2
             pooled = i < oh and j < ow
             for ch in range(c):
-                # g: the gradient reaching this pixel's ReLU output (float64, as in _bn_backward_dx_kernel)
-                here = pooled and (argmax[img, i, j, ch] == pos) & (out[img, i, j, ch] > 0.0)
-                g = np.float64(grad[img, i, j, ch]) if here else 0.0
-                dx[img, y, xx, ch] = a[ch] * g - b[ch] * (x[img, y, xx, ch] - mean[ch]) - d[ch]
+                g = 0.0  # the gradient reaching this pixel's ReLU output (float64, as in _bn_backward_dx_kernel)
+                if pooled and (argmax[img, i, j, ch] == pos) & (out[img, i, j, ch] > 0.0):
+                    g = grad[img, i, j, ch]
+                xb = x[img, y, xx, ch]
+                if bias is not None:
+                    xb = xb + bias[ch]
+                dx[img, y, xx, ch] = a[ch] * g - b[ch] * (xb - mean[ch]) - d[ch]
 
 
-def batch_norm_relu_pool_backward(grad, argmax, out, x_max, x, mean, inv_std, gamma, sync=None):
+def batch_norm_relu_pool_backward(grad, argmax, out, x_max, x, mean, inv_std, gamma, sync=None, bias=None):
     """Gradients of batch_norm_relu_pool with batch statistics, from its forward's output `out`,
     window positions `argmax` and `x_max` (keep_x_max): dx (N, H, W, C), dgamma, dbeta, those of
-    batch_norm_backward(relu=True) of the unpooled gradient, with the same `sync`. The per-channel
-    sums read only pooled arrays; dx is the one pass over x."""
+    batch_norm_backward(relu=True) of the unpooled gradient, with the same `sync` and `bias`. The
+    per-channel sums read only pooled arrays; dx is the one pass over x."""
     n, h, w, c = x.shape
     x = np.ascontiguousarray(x)
     grad = np.ascontiguousarray(grad)
@@ -457,8 +476,8 @@ def batch_norm_relu_pool_backward(grad, argmax, out, x_max, x, mean, inv_std, ga
     sums = _bn_relu_pool_backward_sums_kernel(grad, argmax, out, x_max, mean32, h, w, chunks, step)
     a, b, d, dgamma, dbeta = _bn_backward_coefficients(sums, n * h * w, inv_std, gamma, sync)
     dx = np.empty_like(x)
-    _bn_relu_pool_backward_dx_kernel(grad, argmax, out, x, mean32, a.astype(x.dtype), b.astype(x.dtype),
-                                     d.astype(x.dtype), dx)
+    _bn_relu_pool_backward_dx_kernel(grad, argmax, out, x, _as_bias(bias, x.dtype), mean32, a.astype(x.dtype),
+                                     b.astype(x.dtype), d.astype(x.dtype), dx)
     return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
 
 

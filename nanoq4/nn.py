@@ -10,7 +10,7 @@ import numpy as np
 
 from . import ops, profile, quant
 from .errors import NanoQ4Error
-from .tensor import Function, Tensor, is_grad_enabled, no_grad
+from .tensor import Function, Tensor, no_grad
 
 _rng = np.random.default_rng(0)
 
@@ -246,7 +246,7 @@ class _BatchNorm(Module):
         self.running_var = np.ones(num_features, dtype=np.float32)
 
     def forward(self, x, input_bias=None):
-        """input_bias: the preceding convolution's bias, for this layer to add (eval, no gradients)."""
+        """input_bias: the preceding convolution's bias, for this layer to add (takes_bias_of)."""
         if x.ndim != self.expected_ndim:
             raise ValueError(f"{type(self).__name__} expects {self.expected_ndim}-D input, got {x.shape}")
         return ops.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
@@ -267,11 +267,10 @@ class BatchNorm2d(_BatchNorm):
                                         self.training, self.momentum, self.eps, self.sync, input_bias)
 
     def takes_bias_of(self, layer):
-        """Whether this layer adds the bias of `layer` before it, which then skips its own pass over
-        the activations for it: a convolution with a bias, in an eval forward without gradients
-        (backward would need the sum stored). The same bits: x + bias is rounded as before."""
-        return (isinstance(layer, Conv2d) and layer.bias is not None and not self.training
-                and not is_grad_enabled())
+        """Whether this layer adds the bias of `layer` before it, a convolution with a bias, which then
+        skips its own pass over the activations for it (and backward the pass summing its gradient).
+        The same bits: each x + bias is rounded as the convolution rounds it."""
+        return isinstance(layer, Conv2d) and layer.bias is not None
 
 
 class BatchNorm1d(_BatchNorm):
@@ -346,9 +345,9 @@ class Flatten(Module):
 
 class Sequential(Module):
     """The layers applied in order. A BatchNorm2d(relu=True) followed by a MaxPool2d(2) (VGG's block
-    ends) runs as one fused op, BatchNorm2d.forward_pooled, with the same result; in eval forwards
-    without gradients a BatchNorm2d also adds the bias of a convolution before it (takes_bias_of). The
-    layers stay as written, so parameter names, checkpoints and exports see the model as it is."""
+    ends) runs as one fused op, BatchNorm2d.forward_pooled, with the same result; a BatchNorm2d also
+    adds the bias of a convolution before it (takes_bias_of). The layers stay as written, so parameter
+    names, checkpoints and exports see the model as it is."""
 
     def __init__(self, *layers):
         self.layers = list(layers)
@@ -365,7 +364,7 @@ class Sequential(Module):
             layer, following = self.layers[i], self.layers[i + 1:i + 3]
             bias = None
             if following and isinstance(following[0], BatchNorm2d) and following[0].takes_bias_of(layer):
-                x, bias = layer.forward(x, add_bias=False), layer.bias.data
+                x, bias = layer.forward(x, add_bias=False), layer.bias
                 i += 1
                 layer, following = following[0], following[1:]
             if isinstance(layer, BatchNorm2d) and following and layer.pools_with(following[0]):

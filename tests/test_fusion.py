@@ -164,19 +164,36 @@ def test_eval_batch_norm_adding_the_conv_bias_gives_the_layer_by_layer_bits(conv
         assert_same_bits(model(x).data, layer_by_layer(model, x).data, "eval output")
 
 
-def test_the_conv_bias_moves_into_the_batch_norm_only_in_eval_without_gradients():
+@pytest.mark.parametrize("pooled", [False, True], ids=["bn", "bn-pool"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_with_input_bias_equals_adding_it_first_bit_for_bit(training, pooled):
+    """Forward, running statistics and every gradient, that of the bias being the sum of dx."""
+    x, gamma, beta, rm, rv = bn_pool_inputs((3, 6, 4, 5), seed=6)
+    bias = np.random.default_rng(7).uniform(-1, 1, 5).astype(np.float32)
+    upstream = np.random.default_rng(8).standard_normal((3, 3, 2, 5) if pooled else x.shape).astype(np.float32)
+    op = ops.batch_norm_relu_pool if pooled else lambda *a, **k: ops.batch_norm(*a, relu=True, **k)
+    results = {}
+    for fused in (True, False):
+        xt, gt, bt, biast = (Tensor(a.copy(), requires_grad=True) for a in (x, gamma, beta, bias))
+        r_mean, r_var = rm.copy(), rv.copy()
+        if fused:
+            out = op(xt, gt, bt, r_mean, r_var, training=training, input_bias=biast)
+        else:
+            out = op(xt + biast, gt, bt, r_mean, r_var, training=training)
+        out.backward(upstream)
+        results[fused] = dict(out=out.data, running_mean=r_mean, running_var=r_var, dx=xt.grad, dgamma=gt.grad,
+                              dbeta=bt.grad, dbias=biast.grad)
+    # the bias's gradient as Conv2d.backward sums it (Add's unbroadcast sums in another order)
+    results[False]["dbias"] = results[False]["dx"].reshape(-1, 5).sum(axis=0)
+    for name in results[False]:
+        assert_same_bits(results[True][name], results[False][name], name)
+
+
+def test_a_batch_norm_takes_the_bias_of_a_convolution_only():
     model = conv_bn_model()
-    conv, bn = model[0], model[1]
-    with no_grad():
-        assert bn.takes_bias_of(conv)
-        assert not bn.takes_bias_of(model[2]), "not a convolution"
-        model.train()
-        assert not bn.takes_bias_of(conv), "training: the statistics and backward want x + bias stored"
-    model.eval()
-    assert not bn.takes_bias_of(conv), "a graph is recorded: backward would need x + bias"
-    with pytest.raises(ValueError, match="input bias"):
-        ops.batch_norm(Tensor(np.ones((2, 2, 2, 4), np.float32)), bn.weight, bn.bias, bn.running_mean,
-                       bn.running_var, training=False, input_bias=conv.bias.data)
+    assert model[1].takes_bias_of(model[0])
+    assert not model[1].takes_bias_of(model[2]), "not a convolution"
+    assert not conv_bn_model(conv_bias=False)[1].takes_bias_of(model[0].__class__(3, 4, 3, bias=False))
 
 
 def test_vgg4bit_runs_each_block_end_fused():
