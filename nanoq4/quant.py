@@ -29,11 +29,9 @@ ValueError for programming mistakes (wrong dtypes, shapes, code ranges, buffer s
 """
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
-from . import parallel
 from .errors import NanoQ4Error
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -207,14 +205,6 @@ def _tanh_soft_clip_reference(w, alpha):
     return alpha * np.tanh(w / alpha)
 
 
-# Most elements per block of the soft clip: a block's three in-place passes (divide, tanh, multiply)
-# run while it sits in the core's cache. Much smaller blocks cost more in per-call overhead and GIL
-# hand-overs than they save (32K elements on two threads: 12.4 ms for VGG4bit's 3.25M weights, 256K:
-# 6.9 ms, one thread over whole tensors: 12.0 ms).
-CLIP_BLOCK = 1 << 18
-CLIP_MIN_BLOCK = 1 << 14  # below this a second thread does not pay for itself
-
-
 def tanh_soft_clip_(w, alpha) -> None:
     """W <- alpha * tanh(W / alpha), in place, after every optimizer step.
 
@@ -227,25 +217,16 @@ def tanh_soft_clip_(w, alpha) -> None:
             and w.flags.c_contiguous and w.flags.writeable):
         raise ValueError("tanh_soft_clip_ works in place on a writeable C-contiguous "
                          "float32 or float64 array")
-    # NumPy's ufuncs, not a Numba loop: Numba would call the C library's tanhf, whose float32 results
-    # differ from NumPy's own tanh in the last bit for about a third of the inputs, and training would
-    # no longer reproduce. NumPy's tanh is the cost (~3 ns per float32 here) and runs on one core, so
-    # blocks of the tensor go to Numba's thread count of worker threads (ufuncs release the GIL).
+    # NumPy's in-place ufuncs, not Numba: a Numba loop would call the C library's tanhf, whose float32
+    # results differ from NumPy's in the last bits (up to 3 ulp, a third of the values), and training
+    # would no longer reproduce. NumPy's tanh costs ~3 ns per float32 on this AVX2 machine (its table
+    # lookups become slow gathers), ~9 ms of the ~14 ms for VGG4bit's 3.25M weights. Blocks of the
+    # tensor on two threads were faster alone (10.8 -> 8.7 ms) but not inside a training step
+    # (14.2 -> 16.5 ms, same-process A/B), so they were not kept.
     alpha = w.dtype.type(alpha)
-    flat = w.reshape(-1)
-
-    def clip(blocks):
-        for start, end in blocks:
-            block = flat[start:end]
-            np.divide(block, alpha, out=block)
-            np.tanh(block, out=block)
-            np.multiply(block, alpha, out=block)
-
-    threads = numba.get_num_threads()
-    count = max(-(-flat.size // CLIP_BLOCK), min(threads, flat.size // CLIP_MIN_BLOCK), 1)  # >= 1 block per thread
-    step = -(-flat.size // count)
-    blocks = [(s, min(flat.size, s + step)) for s in range(0, flat.size, step)]
-    parallel.run_on_threads(blocks, threads, clip, name="tanh_clip")
+    np.divide(w, alpha, out=w)
+    np.tanh(w, out=w)
+    np.multiply(w, alpha, out=w)
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
