@@ -416,8 +416,8 @@ def _bn_relu_pool_backward_sums_kernel(grad, argmax, out, x_max, mean, h, w, chu
     # The sums of _bn_backward_sums_kernel over the unpooled gradient, the same bits: the same chunks of
     # pixels r = (img*h + y)*w + xx, and within a chunk, per channel, the same terms in the same order
     # (pixel rows one after another; in a row each window has at most one nonzero term, so windows in
-    # order are pixels in order). Pixels with g = 0 add nothing here, which leaves the float64 sums
-    # unchanged (see _bn_backward_sums_kernel).
+    # order are pixels in order). A term whose g is 0 adds 0.0 or nothing, and neither changes a float64
+    # sum that started at +0.0 (it is never -0.0).
     n, oh, ow, c = grad.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
