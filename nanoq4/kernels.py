@@ -192,23 +192,30 @@ def _row_chunks(m):
 
 
 @njit(parallel=True, cache=True)
-def _channel_sums_kernel(x, chunks, step):
+def _channel_sums_kernel(x, bias, chunks, step):
     m, c = x.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
         for r in range(t * step, min(m, (t + 1) * step)):
             for ch in range(c):
-                v = np.float64(x[r, ch])  # square in float64 too: E[x^2] - mean^2 cancels
+                xb = x[r, ch]
+                if bias is not None:  # a None argument: Numba compiles the branch away
+                    xb = xb + bias[ch]
+                v = np.float64(xb)  # square in float64 too: E[x^2] - mean^2 cancels
                 partial[t, 0, ch] += v
                 partial[t, 1, ch] += v * v
     return partial.sum(axis=0)
 
 
-def channel_sums(x2d):
-    """Per-column sum and sum of squares of a (M, C) array as float64 (2, C): what batch norm
-    synchronized across data-parallel ranks adds up."""
+def channel_sums(x2d, bias=None):
+    """Per-column sum and sum of squares of a (M, C) array (of x + bias, see scale_shift) as float64
+    (2, C): what batch norm synchronized across data-parallel ranks adds up."""
     chunks, step = _row_chunks(x2d.shape[0])
-    return _channel_sums_kernel(x2d, chunks, step)
+    return _channel_sums_kernel(x2d, _as_bias(bias, x2d.dtype), chunks, step)
+
+
+def _as_bias(bias, dtype):
+    return None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
 
 
 def mean_var_from_sums(sums, m):
@@ -229,23 +236,29 @@ def channel_mean_var_reference(x2d):
 
 
 @njit(parallel=True, cache=True)
-def _scale_shift_kernel(x, scale, shift, relu, out):
+def _scale_shift_kernel(x, bias, scale, shift, relu, out):
     m, c = x.shape
     for r in prange(m):
         for ch in range(c):
-            v = x[r, ch] * scale[ch] + shift[ch]
+            xb = x[r, ch]
+            if bias is not None:  # a None argument: Numba compiles the branch away
+                xb = xb + bias[ch]
+            v = xb * scale[ch] + shift[ch]
             out[r, ch] = max(v, 0.0) if relu else v
 
 
-def scale_shift(x2d, scale, shift, relu=False):
-    """out = x * scale + shift per column (the affine part of batch norm), optionally ReLU'd."""
+def scale_shift(x2d, scale, shift, relu=False, bias=None):
+    """out = x * scale + shift per column (the affine part of batch norm), optionally ReLU'd. `bias`
+    (per column), here and in the other batch-norm kernels, is added to x first, rounded as x + bias
+    alone would be: the preceding convolution's bias, whose own pass over the activations this saves."""
     out = np.empty_like(x2d)
-    _scale_shift_kernel(x2d, scale.astype(x2d.dtype), shift.astype(x2d.dtype), relu, out)
+    bias = _as_bias(bias, x2d.dtype)
+    _scale_shift_kernel(x2d, bias, scale.astype(x2d.dtype), shift.astype(x2d.dtype), relu, out)
     return out
 
 
 @njit(parallel=True, cache=True)
-def _bn_backward_sums_kernel(dy, x, y, mean, relu, chunks, step):
+def _bn_backward_sums_kernel(dy, x, bias, y, mean, relu, chunks, step):
     m, c = x.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
@@ -254,37 +267,44 @@ def _bn_backward_sums_kernel(dy, x, y, mean, relu, chunks, step):
                 g = dy[r, ch]
                 if relu and y[r, ch] <= 0.0:
                     g = 0.0
+                xb = x[r, ch]
+                if bias is not None:
+                    xb = xb + bias[ch]
                 partial[t, 0, ch] += g
-                partial[t, 1, ch] += g * (x[r, ch] - mean[ch])
+                partial[t, 1, ch] += g * (xb - mean[ch])
     return partial.sum(axis=0)
 
 
 @njit(parallel=True, cache=True)
-def _bn_backward_dx_kernel(dy, x, y, mean, relu, a, b, d, dx):
+def _bn_backward_dx_kernel(dy, x, bias, y, mean, relu, a, b, d, dx):
     m, c = x.shape
     for r in prange(m):
         for ch in range(c):
             g = dy[r, ch]
             if relu and y[r, ch] <= 0.0:
                 g = 0.0
-            dx[r, ch] = a[ch] * g - b[ch] * (x[r, ch] - mean[ch]) - d[ch]
+            xb = x[r, ch]
+            if bias is not None:
+                xb = xb + bias[ch]
+            dx[r, ch] = a[ch] * g - b[ch] * (xb - mean[ch]) - d[ch]
 
 
-def batch_norm_backward(dy, x, y, mean, inv_std, gamma, relu, sync=None):
+def batch_norm_backward(dy, x, y, mean, inv_std, gamma, relu, sync=None, bias=None):
     """Gradients of y = [relu](gamma * (x - mean) * inv_std + beta) with batch statistics,
     for (M, C) arrays: returns dx, dgamma, dbeta. `y` is the forward output (for the ReLU mask).
 
     dx = gamma*inv_std * (g - mean(g) - xhat * mean(g*xhat)), where g is dy masked by the ReLU.
     With `sync` (statistics over several data-parallel ranks: sums, m -> their totals over the
     ranks) the means run over the global batch; dgamma and dbeta stay this rank's part, which
-    the gradient sum over the ranks completes.
+    the gradient sum over the ranks completes. With `bias` the input is x + bias (scale_shift).
     """
     m = x.shape[0]
     chunks, step = _row_chunks(m)
-    sums = _bn_backward_sums_kernel(dy, x, y, mean.astype(x.dtype), relu, chunks, step)
+    bias = _as_bias(bias, x.dtype)
+    sums = _bn_backward_sums_kernel(dy, x, bias, y, mean.astype(x.dtype), relu, chunks, step)
     a, b, d, dgamma, dbeta = _bn_backward_coefficients(sums, m, inv_std, gamma, sync)
     dx = np.empty_like(x)
-    _bn_backward_dx_kernel(dy, x, y, mean.astype(x.dtype), relu, a.astype(x.dtype), b.astype(x.dtype),
+    _bn_backward_dx_kernel(dy, x, bias, y, mean.astype(x.dtype), relu, a.astype(x.dtype), b.astype(x.dtype),
                            d.astype(x.dtype), dx)
     return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
 
@@ -316,37 +336,58 @@ def batch_norm_backward_reference(dy, x, y, mean, inv_std, gamma, relu):
 # VGG's blocks end in BN-ReLU then a 2x2 max pool. Fused, the full-size activation between them and
 # its full-size gradient are never stored: forward reads x once and writes the pooled quarter, with
 # each maximum's window position 0..3 (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) in a
-# uint8; backward recomputes the ReLU mask from x. Each value is computed by the same float32
+# uint8 and, for training, the input x at each maximum. Each value is computed by the same float32
 # expression as scale_shift, max_pool and the batch-norm backward kernels, so the results are those
 # of the unfused chain bit for bit. An odd last row or column is in no window, as in max_pool.
+#
+# Backward needs, per pixel, g: the pooled gradient if the pixel is its window's maximum and its
+# ReLU is on, else 0. The ReLU at the maximum is on exactly when the pooled output is > 0 (it is
+# max(v, 0) of that pixel's v), so the pooled output and the window position give g without x, and
+# the per-channel sums of g and g * (x - mean) need only the pooled arrays and x at the maxima: a
+# quarter of the data. Only dx, which every pixel has, reads x in full.
 
 @njit(parallel=True, cache=True)
-def _bn_relu_pool_kernel(x, scale, shift, out, argmax):
+def _bn_relu_pool_kernel(x, bias, scale, shift, out, argmax, x_max):
+    # bias and x_max may be None: Numba compiles the branches on them away, so each variant runs
+    # as a plain loop over channels
     n, h, w, c = x.shape
     oh, ow = out.shape[1], out.shape[2]
     for row in prange(n * oh):
         img, i = row // oh, row % oh
         for j in range(ow):
             for ch in range(c):
-                best = max(x[img, 2 * i, 2 * j, ch] * scale[ch] + shift[ch], 0.0)
-                best_pos = 0
+                xv = x[img, 2 * i, 2 * j, ch]
+                xb = xv
+                if bias is not None:
+                    xb = xv + bias[ch]
+                best, best_pos, best_x = max(xb * scale[ch] + shift[ch], 0.0), 0, xb
                 for pos in range(1, 4):  # the first maximum wins a tie, as in max_pool
-                    v = max(x[img, 2 * i + pos // 2, 2 * j + pos % 2, ch] * scale[ch] + shift[ch], 0.0)
+                    xv = x[img, 2 * i + pos // 2, 2 * j + pos % 2, ch]
+                    xb = xv
+                    if bias is not None:
+                        xb = xv + bias[ch]
+                    v = max(xb * scale[ch] + shift[ch], 0.0)
                     if v > best:
-                        best = v
-                        best_pos = pos
+                        best, best_pos, best_x = v, pos, xb
                 out[img, i, j, ch] = best
                 argmax[img, i, j, ch] = best_pos
+                if x_max is not None:
+                    x_max[img, i, j, ch] = best_x
 
 
-def batch_norm_relu_pool(x, scale, shift):
+def batch_norm_relu_pool(x, scale, shift, keep_x_max=False, bias=None):
     """max_pool(relu(x * scale + shift), 2, 2) of NHWC x in one pass: the pooled (N, H//2, W//2, C)
-    output, and as uint8 the window position 0..3 of each maximum (first maximum on ties)."""
+    output, and as uint8 the window position 0..3 of each maximum (first maximum on ties); with
+    `keep_x_max` also x (+ bias) at each maximum (N, H//2, W//2, C), which the backward wants. `bias`
+    as in scale_shift."""
     n, h, w, c = x.shape
     out = np.empty((n, h // 2, w // 2, c), dtype=x.dtype)
     argmax = np.empty(out.shape, dtype=np.uint8)
-    _bn_relu_pool_kernel(np.ascontiguousarray(x), scale.astype(x.dtype), shift.astype(x.dtype), out, argmax)
-    return out, argmax
+    x_max = np.empty(out.shape, dtype=x.dtype) if keep_x_max else None
+    bias = _as_bias(bias, x.dtype)
+    _bn_relu_pool_kernel(np.ascontiguousarray(x), bias, scale.astype(x.dtype), shift.astype(x.dtype), out, argmax,
+                         x_max)
+    return (out, argmax, x_max) if keep_x_max else (out, argmax)
 
 
 def window_position(flat_argmax, w):
@@ -371,29 +412,40 @@ def unpool_2x2(grad, argmax, x_shape):
 
 
 @njit(parallel=True, cache=True)
-def _bn_relu_pool_backward_sums_kernel(grad, argmax, x, scale, shift, mean, chunks, step):
-    # the rows (pixels), their order and the float64 products are those of _bn_backward_sums_kernel
-    # (where Numba types g as float64), so the sums are the same bits; pixels whose g is 0 there
-    # (not a window's maximum, or the ReLU off) add nothing and are skipped here
-    n, h, w, c = x.shape
-    oh, ow = grad.shape[1], grad.shape[2]
+def _bn_relu_pool_backward_sums_kernel(grad, argmax, out, x_max, mean, h, w, chunks, step):
+    # The sums of _bn_backward_sums_kernel over the unpooled gradient, the same bits: the same chunks of
+    # pixels r = (img*h + y)*w + xx, and within a chunk, per channel, the same terms in the same order
+    # (pixel rows one after another; in a row each window has at most one nonzero term, so windows in
+    # order are pixels in order). A term whose g is 0 adds 0.0 or nothing, and neither changes a float64
+    # sum that started at +0.0 (it is never -0.0).
+    n, oh, ow, c = grad.shape
     partial = np.zeros((chunks, 2, c), dtype=np.float64)
     for t in prange(chunks):
-        for r in range(t * step, min(n * h * w, (t + 1) * step)):
-            img, y, xx = r // (h * w), r // w % h, r % w
-            i, j, pos = y // 2, xx // 2, 2 * (y % 2) + xx % 2
-            if i >= oh or j >= ow:
-                continue  # the last row or column of an odd size: in no window
-            for ch in range(c):
-                if argmax[img, i, j, ch] == pos and x[img, y, xx, ch] * scale[ch] + shift[ch] > 0.0:
-                    g = np.float64(grad[img, i, j, ch])
-                    partial[t, 0, ch] += g
-                    partial[t, 1, ch] += g * (x[img, y, xx, ch] - mean[ch])
+        total, weighted = np.zeros(c), np.zeros(c)
+        first, end = t * step, min(n * h * w, (t + 1) * step)
+        for line in range(first // w, (end + w - 1) // w):  # pixel rows this chunk touches
+            img, y = line // h, line % h
+            i, half = y // 2, y % 2
+            if i >= oh:
+                continue  # the last row of an odd height: in no window
+            x0, x1 = max(first - line * w, 0), min(end - line * w, w)  # the chunk's pixels of this row
+            for j in range(x0 // 2, min(ow, (x1 + 1) // 2)):
+                for ch in range(c):
+                    pos = argmax[img, i, j, ch]
+                    xx = 2 * j + pos % 2
+                    here = (pos // 2 == half) & (xx >= x0) & (xx < x1) & (out[img, i, j, ch] > 0.0)
+                    g = 0.0  # float64 under Numba, as in _bn_backward_sums_kernel
+                    if here:
+                        g = grad[img, i, j, ch]
+                    total[ch] += g
+                    weighted[ch] += g * (x_max[img, i, j, ch] - mean[ch])
+        partial[t, 0] = total
+        partial[t, 1] = weighted
     return partial.sum(axis=0)
 
 
 @njit(parallel=True, cache=True)
-def _bn_relu_pool_backward_dx_kernel(grad, argmax, x, scale, shift, mean, a, b, d, dx):
+def _bn_relu_pool_backward_dx_kernel(grad, argmax, out, x, bias, mean, a, b, d, dx):
     n, h, w, c = x.shape
     oh, ow = grad.shape[1], grad.shape[2]
     for row in prange(n * h):
@@ -402,26 +454,30 @@ def _bn_relu_pool_backward_dx_kernel(grad, argmax, x, scale, shift, mean, a, b, 
             i, j, pos = y // 2, xx // 2, 2 * (y % 2) + xx % 2
             pooled = i < oh and j < ow
             for ch in range(c):
-                g = 0.0  # the gradient reaching this pixel's ReLU output
-                if pooled and argmax[img, i, j, ch] == pos and x[img, y, xx, ch] * scale[ch] + shift[ch] > 0.0:
+                g = 0.0  # the gradient reaching this pixel's ReLU output (float64, as in _bn_backward_dx_kernel)
+                if pooled and (argmax[img, i, j, ch] == pos) & (out[img, i, j, ch] > 0.0):
                     g = grad[img, i, j, ch]
-                dx[img, y, xx, ch] = a[ch] * g - b[ch] * (x[img, y, xx, ch] - mean[ch]) - d[ch]
+                xb = x[img, y, xx, ch]
+                if bias is not None:
+                    xb = xb + bias[ch]
+                dx[img, y, xx, ch] = a[ch] * g - b[ch] * (xb - mean[ch]) - d[ch]
 
 
-def batch_norm_relu_pool_backward(grad, argmax, x, scale, shift, mean, inv_std, gamma, sync=None):
-    """Gradients of batch_norm_relu_pool with batch statistics (scale = gamma*inv_std, shift =
-    beta - mean*scale): dx (N, H, W, C), dgamma, dbeta, those of batch_norm_backward(relu=True)
-    of the unpooled gradient, with the same `sync`. Two passes over x: the per-channel sums, then dx."""
+def batch_norm_relu_pool_backward(grad, argmax, out, x_max, x, mean, inv_std, gamma, sync=None, bias=None):
+    """Gradients of batch_norm_relu_pool with batch statistics, from its forward's output `out`,
+    window positions `argmax` and `x_max` (keep_x_max): dx (N, H, W, C), dgamma, dbeta, those of
+    batch_norm_backward(relu=True) of the unpooled gradient, with the same `sync` and `bias`. The
+    per-channel sums read only pooled arrays; dx is the one pass over x."""
     n, h, w, c = x.shape
     x = np.ascontiguousarray(x)
     grad = np.ascontiguousarray(grad)
-    scale, shift, mean32 = scale.astype(x.dtype), shift.astype(x.dtype), mean.astype(x.dtype)
+    mean32 = mean.astype(x.dtype)
     chunks, step = _row_chunks(n * h * w)
-    sums = _bn_relu_pool_backward_sums_kernel(grad, argmax, x, scale, shift, mean32, chunks, step)
+    sums = _bn_relu_pool_backward_sums_kernel(grad, argmax, out, x_max, mean32, h, w, chunks, step)
     a, b, d, dgamma, dbeta = _bn_backward_coefficients(sums, n * h * w, inv_std, gamma, sync)
     dx = np.empty_like(x)
-    _bn_relu_pool_backward_dx_kernel(grad, argmax, x, scale, shift, mean32, a.astype(x.dtype), b.astype(x.dtype),
-                                     d.astype(x.dtype), dx)
+    _bn_relu_pool_backward_dx_kernel(grad, argmax, out, x, _as_bias(bias, x.dtype), mean32, a.astype(x.dtype),
+                                     b.astype(x.dtype), d.astype(x.dtype), dx)
     return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
 
 

@@ -144,8 +144,13 @@ class Conv2d(Module):
         self.weight = Parameter(_uniform((out_channels, kernel_size, kernel_size, in_channels), bound))
         self.bias = Parameter(_uniform((out_channels,), bound)) if bias else None
 
-    def forward(self, x):
-        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+    def forward(self, x, add_bias=True):
+        """add_bias=False leaves the bias to the layer after (nn.Sequential: a batch norm adds it in its pass)."""
+        return ops.conv2d(x, self.compute_weight(), self.bias if add_bias else None, self.stride, self.padding)
+
+    def compute_weight(self):
+        """The weight the convolution computes with."""
+        return self.weight
 
 
 class STE(Function):
@@ -211,8 +216,8 @@ class QConv2d(Conv2d, QuantizedWeight):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias)
         self.setup_quantization(bits, per_channel)
 
-    def forward(self, x):
-        return ops.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding)
+    def compute_weight(self):
+        return self.quantized_weight()
 
 
 class QLinear(Linear, QuantizedWeight):
@@ -240,11 +245,12 @@ class _BatchNorm(Module):
         self.running_mean = np.zeros(num_features, dtype=np.float32)
         self.running_var = np.ones(num_features, dtype=np.float32)
 
-    def forward(self, x):
+    def forward(self, x, input_bias=None):
+        """input_bias: the preceding convolution's bias, for this layer to add (takes_bias_of)."""
         if x.ndim != self.expected_ndim:
             raise ValueError(f"{type(self).__name__} expects {self.expected_ndim}-D input, got {x.shape}")
         return ops.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                              self.training, self.momentum, self.eps, self.relu, self.sync)
+                              self.training, self.momentum, self.eps, self.relu, self.sync, input_bias)
 
 
 class BatchNorm2d(_BatchNorm):
@@ -255,10 +261,16 @@ class BatchNorm2d(_BatchNorm):
         a ReLU'd batch norm followed by a 2x2 / stride-2 max pool."""
         return self.relu and isinstance(layer, MaxPool2d) and layer.kernel_size == layer.stride == 2
 
-    def forward_pooled(self, x):
+    def forward_pooled(self, x, input_bias=None):
         """max_pool2d(self(x), 2), the same values, in one pass that never stores self(x)."""
         return ops.batch_norm_relu_pool(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                        self.training, self.momentum, self.eps, self.sync)
+                                        self.training, self.momentum, self.eps, self.sync, input_bias)
+
+    def takes_bias_of(self, layer):
+        """Whether this layer adds the bias of `layer` before it, a convolution with a bias, which then
+        skips its own pass over the activations for it (and backward the pass summing its gradient).
+        The same bits: each x + bias is rounded as the convolution rounds it."""
+        return isinstance(layer, Conv2d) and layer.bias is not None
 
 
 class BatchNorm1d(_BatchNorm):
@@ -333,8 +345,9 @@ class Flatten(Module):
 
 class Sequential(Module):
     """The layers applied in order. A BatchNorm2d(relu=True) followed by a MaxPool2d(2) (VGG's block
-    ends) runs as one fused op, BatchNorm2d.forward_pooled, with the same result; the pair stays two
-    layers, so parameter names, checkpoints and exports see the model as it is written."""
+    ends) runs as one fused op, BatchNorm2d.forward_pooled, with the same result; a BatchNorm2d also
+    adds the bias of a convolution before it (takes_bias_of). The layers stay as written, so parameter
+    names, checkpoints and exports see the model as it is."""
 
     def __init__(self, *layers):
         self.layers = list(layers)
@@ -348,11 +361,16 @@ class Sequential(Module):
     def forward(self, x):
         i = 0
         while i < len(self.layers):
-            layer, following = self.layers[i], self.layers[i + 1:i + 2]
+            layer, following = self.layers[i], self.layers[i + 1:i + 3]
+            bias = None
+            if following and isinstance(following[0], BatchNorm2d) and following[0].takes_bias_of(layer):
+                x, bias = layer.forward(x, add_bias=False), layer.bias
+                i += 1
+                layer, following = following[0], following[1:]
             if isinstance(layer, BatchNorm2d) and following and layer.pools_with(following[0]):
-                x = layer.forward_pooled(x)
+                x = layer.forward_pooled(x, bias)
                 i += 2
             else:
-                x = layer(x)
+                x = layer.forward(x, bias) if bias is not None else layer(x)
                 i += 1
         return x

@@ -307,37 +307,48 @@ class BatchNorm(Function):
     unbiased running variance, as PyTorch); eval uses the running statistics. `relu=True`
     fuses the following ReLU into the same pass (forward and backward). `sync` (data-parallel
     training with --sync-bn) sums the per-channel statistics over the ranks: (sums, m) -> totals.
+    `input_bias` (C,) or None: normalize x + input_bias, each sum rounded as on its own: the
+    preceding convolution's bias (nn.Sequential), added in this op's passes instead of a pass of its
+    own; its gradient is the sum of dx over every axis but the last, as the convolution computes it.
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, running_mean, running_var, training=True, momentum=0.1,
+    def forward(ctx, x, gamma, beta, running_mean, running_var, input_bias=None, training=True, momentum=0.1,
                 eps=1e-5, relu=False, sync=None):
         x2 = x.reshape(-1, x.shape[-1])
-        mean, inv_std = _normalization_statistics(x2, running_mean, running_var, training, momentum, eps, sync)
+        mean, inv_std = _normalization_statistics(x2, running_mean, running_var, training, momentum, eps, sync,
+                                                  input_bias)
         scale = gamma * inv_std
-        y = kernels.scale_shift(x2, scale, beta - mean * scale, relu)
-        ctx.save_for_backward(x2, y, mean, inv_std, gamma)
+        y = kernels.scale_shift(x2, scale, beta - mean * scale, relu, bias=input_bias)
+        ctx.save_for_backward(x2, y, mean, inv_std, gamma, input_bias)
         ctx.training, ctx.relu, ctx.shape, ctx.sync = training, relu, x.shape, sync
         return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, y, mean, inv_std, gamma = ctx.saved
+        x2, y, mean, inv_std, gamma, input_bias = ctx.saved
         g = grad.reshape(x2.shape)
         if ctx.training:
-            dx, dgamma, dbeta = kernels.batch_norm_backward(g, x2, y, mean, inv_std, gamma, ctx.relu, ctx.sync)
+            dx, dgamma, dbeta = kernels.batch_norm_backward(g, x2, y, mean, inv_std, gamma, ctx.relu, ctx.sync,
+                                                            bias=input_bias)
         else:
-            dx, dgamma, dbeta = _batch_norm_eval_backward(g, x2, y, mean, inv_std, gamma, ctx.relu)
-        return dx.reshape(ctx.shape), dgamma, dbeta
+            xb = x2 if input_bias is None else x2 + input_bias
+            dx, dgamma, dbeta = _batch_norm_eval_backward(g, xb, y, mean, inv_std, gamma, ctx.relu)
+        return (dx.reshape(ctx.shape), dgamma, dbeta) + _input_bias_grad(dx, input_bias)
 
 
-def _normalization_statistics(x2, running_mean, running_var, training, momentum, eps, sync):
-    """(mean, 1/sqrt(var + eps)) per channel of (M, C) x2, float64: in training those of the batch
+def _input_bias_grad(dx, input_bias):
+    """(d input_bias,) or (): dx summed over every axis but the last, as Conv2d.backward sums its bias's."""
+    return () if input_bias is None else (dx.reshape(-1, dx.shape[-1]).sum(axis=0),)
+
+
+def _normalization_statistics(x2, running_mean, running_var, training, momentum, eps, sync, bias=None):
+    """(mean, 1/sqrt(var + eps)) per channel of (M, C) x2 (+ bias), float64: in training those of the batch
     (of the global batch under `sync`), which also move the running statistics in place; in eval
     the running statistics."""
     m = x2.shape[0]
     if training:
-        sums = kernels.channel_sums(x2)
+        sums = kernels.channel_sums(x2, bias)
         if sync is not None:
             sums, m = sync(sums, m)
         if m < 2:
@@ -368,34 +379,43 @@ class BatchNormReluPool(Function):
     followed by MaxPool2d, bit for bit (statistics, running-statistics update and `sync` as there),
     without the full-size activation between them or its gradient (kernels.batch_norm_relu_pool).
     An odd last row or column is left out of the pooling, as max_pool2d does, but not of the
-    statistics."""
+    statistics. `input_bias` as in BatchNorm."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
-                sync=None):
+    def forward(ctx, x, gamma, beta, running_mean, running_var, input_bias=None, training=True, momentum=0.1,
+                eps=1e-5, sync=None):
         if x.ndim != 4:
             raise ValueError(f"batch_norm_relu_pool expects NHWC input, got shape {x.shape}")
         mean, inv_std = _normalization_statistics(x.reshape(-1, x.shape[-1]), running_mean, running_var,
-                                                  training, momentum, eps, sync)
+                                                  training, momentum, eps, sync, input_bias)
         scale = gamma * inv_std
         shift = beta - mean * scale
-        out, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
-        ctx.save_for_backward(x, argmax, mean, inv_std, gamma, scale, shift)
+        if training and any(ctx.needs_input_grad):
+            out, argmax, x_max = kernels.batch_norm_relu_pool(x, scale, shift, keep_x_max=True, bias=input_bias)
+            ctx.save_for_backward(x, argmax, out, x_max, mean, inv_std, gamma, input_bias)
+        else:
+            out, argmax = kernels.batch_norm_relu_pool(x, scale, shift, bias=input_bias)
+            ctx.save_for_backward(x, argmax, mean, inv_std, gamma, scale, shift, input_bias)
         ctx.training, ctx.sync = training, sync
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, argmax, mean, inv_std, gamma, scale, shift = ctx.saved
         if ctx.training:
-            return kernels.batch_norm_relu_pool_backward(grad, argmax, x, scale, shift, mean, inv_std, gamma,
-                                                         ctx.sync)
+            x, argmax, out, x_max, mean, inv_std, gamma, input_bias = ctx.saved
+            dx, dgamma, dbeta = kernels.batch_norm_relu_pool_backward(grad, argmax, out, x_max, x, mean, inv_std,
+                                                                      gamma, ctx.sync, bias=input_bias)
+            return (dx, dgamma, dbeta) + _input_bias_grad(dx, input_bias)
         # eval (rare: no training step runs it): the unfused path's arithmetic on the unpooled gradient
+        x, argmax, mean, inv_std, gamma, scale, shift, input_bias = ctx.saved
         x2 = x.reshape(-1, x.shape[-1])
+        if input_bias is not None:
+            x2 = x2 + input_bias
         dy = kernels.unpool_2x2(grad, argmax, x.shape).reshape(x2.shape)
         y = kernels.scale_shift(x2, scale, shift, relu=True)
         dx, dgamma, dbeta = _batch_norm_eval_backward(dy, x2, y, mean, inv_std, gamma, relu=True)
-        return dx.reshape(x.shape), dgamma, dbeta
+        dx = dx.reshape(x.shape)
+        return (dx, dgamma, dbeta) + _input_bias_grad(dx, input_bias)
 
 
 class Dropout(Function):
@@ -525,14 +545,14 @@ def global_avg_pool(x):
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
-               relu=False, sync=None):
-    return BatchNorm.apply(x, weight, bias, running_mean, running_var, training=training,
+               relu=False, sync=None, input_bias=None):
+    return BatchNorm.apply(x, weight, bias, running_mean, running_var, input_bias, training=training,
                            momentum=momentum, eps=eps, relu=relu, sync=sync)
 
 
 def batch_norm_relu_pool(x, weight, bias, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
-                         sync=None):
-    return BatchNormReluPool.apply(x, weight, bias, running_mean, running_var, training=training,
+                         sync=None, input_bias=None):
+    return BatchNormReluPool.apply(x, weight, bias, running_mean, running_var, input_bias, training=training,
                                    momentum=momentum, eps=eps, sync=sync)
 
 

@@ -141,6 +141,61 @@ def test_a_batch_norm_at_the_end_of_a_sequential_is_not_fused():
     assert "BatchNormReluPool.forward" not in calls
 
 
+def conv_bn_model(seed=0, conv_bias=True):
+    """conv -> BN-ReLU -> pool -> conv -> BN-ReLU, in eval with running statistics away from 0 and 1."""
+    nn.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=conv_bias), nn.BatchNorm2d(4, relu=True),
+                          nn.MaxPool2d(2), nn.QConv2d(4, 5, 3, padding=1, bias=conv_bias),
+                          nn.BatchNorm2d(5, relu=True))
+    rng = np.random.default_rng(seed)
+    for bn in (model[1], model[4]):
+        c = len(bn.running_mean)
+        bn.running_mean[...] = rng.uniform(-0.3, 0.3, c)
+        bn.running_var[...] = rng.uniform(0.5, 2.0, c)
+        bn.bias.data[...] = rng.uniform(-0.3, 0.3, c)
+    return model.eval()
+
+
+@pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "no-bias"])
+def test_eval_batch_norm_adding_the_conv_bias_gives_the_layer_by_layer_bits(conv_bias):
+    model = conv_bn_model(conv_bias=conv_bias)
+    x = Tensor(np.random.default_rng(1).standard_normal((3, 6, 6, 3)).astype(np.float32))
+    with no_grad():
+        assert_same_bits(model(x).data, layer_by_layer(model, x).data, "eval output")
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["bn", "bn-pool"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_with_input_bias_equals_adding_it_first_bit_for_bit(training, pooled):
+    """Forward, running statistics and every gradient, that of the bias being the sum of dx."""
+    x, gamma, beta, rm, rv = bn_pool_inputs((3, 6, 4, 5), seed=6)
+    bias = np.random.default_rng(7).uniform(-1, 1, 5).astype(np.float32)
+    upstream = np.random.default_rng(8).standard_normal((3, 3, 2, 5) if pooled else x.shape).astype(np.float32)
+    op = ops.batch_norm_relu_pool if pooled else lambda *a, **k: ops.batch_norm(*a, relu=True, **k)
+    results = {}
+    for fused in (True, False):
+        xt, gt, bt, biast = (Tensor(a.copy(), requires_grad=True) for a in (x, gamma, beta, bias))
+        r_mean, r_var = rm.copy(), rv.copy()
+        if fused:
+            out = op(xt, gt, bt, r_mean, r_var, training=training, input_bias=biast)
+        else:
+            out = op(xt + biast, gt, bt, r_mean, r_var, training=training)
+        out.backward(upstream)
+        results[fused] = dict(out=out.data, running_mean=r_mean, running_var=r_var, dx=xt.grad, dgamma=gt.grad,
+                              dbeta=bt.grad, dbias=biast.grad)
+    # the bias's gradient as Conv2d.backward sums it (Add's unbroadcast sums in another order)
+    results[False]["dbias"] = results[False]["dx"].reshape(-1, 5).sum(axis=0)
+    for name in results[False]:
+        assert_same_bits(results[True][name], results[False][name], name)
+
+
+def test_a_batch_norm_takes_the_bias_of_a_convolution_only():
+    model = conv_bn_model()
+    assert model[1].takes_bias_of(model[0])
+    assert not model[1].takes_bias_of(model[2]), "not a convolution"
+    assert not conv_bn_model(conv_bias=False)[1].takes_bias_of(model[0].__class__(3, 4, 3, bias=False))
+
+
 def test_vgg4bit_runs_each_block_end_fused():
     _, calls = op_calls(models.vgg4bit().eval(), Tensor(np.zeros((1, 32, 32, 3), np.float32)))
     assert calls.get("BatchNormReluPool.forward") == 3 and "MaxPool2d.forward" not in calls, calls

@@ -244,6 +244,22 @@ def test_batch_norm_relu_pool_ties_pick_the_first_maximum(case):
     np.testing.assert_array_equal(argmax, 0)
 
 
+@pytest.mark.parametrize("case", BN_POOL_CASES, ids=str)
+def test_batch_norm_relu_pool_keeps_the_input_at_each_maximum(case):
+    x = random(case, np.float32)
+    scale, shift = bn_pool_affine(case[-1])
+    out, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
+    kept_out, kept_argmax, x_max = kernels.batch_norm_relu_pool(x, scale, shift, keep_x_max=True)
+    np.testing.assert_array_equal(kept_out, out)
+    np.testing.assert_array_equal(kept_argmax, argmax)
+    n, oh, ow, c = out.shape
+    ys = 2 * np.arange(oh)[None, :, None, None] + argmax // 2
+    xs = 2 * np.arange(ow)[None, None, :, None] + argmax % 2
+    want = x[np.arange(n)[:, None, None, None], ys, xs, np.arange(c)]
+    assert x_max.dtype == x.dtype
+    np.testing.assert_array_equal(x_max, want)
+
+
 def test_window_position_counts_row_by_row():
     x = np.zeros((1, 2, 4, 1), np.float32)
     x[0, 0, 1, 0] = x[0, 1, 2, 0] = 1.0  # top-right of the first window, bottom-left of the second
@@ -261,9 +277,9 @@ def test_batch_norm_relu_pool_backward_matches_reference(case, dtype):
     gamma, beta = bn_pool_affine(c, dtype, seed=2)
     scale = gamma * inv_std
     shift = beta - mean * scale
-    _, argmax = kernels.batch_norm_relu_pool(x, scale, shift)
+    out, argmax, x_max = kernels.batch_norm_relu_pool(x, scale, shift, keep_x_max=True)
     grad = random(argmax.shape, dtype, seed=3)
-    got = kernels.batch_norm_relu_pool_backward(grad, argmax, x, scale, shift, mean, inv_std, gamma)
+    got = kernels.batch_norm_relu_pool_backward(grad, argmax, out, x_max, x, mean, inv_std, gamma)
     want = kernels.batch_norm_relu_pool_backward_reference(grad, argmax, x, scale, shift, mean, inv_std, gamma)
     for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want):
         assert a.dtype == dtype and a.shape == b.shape, f"{name} is {a.dtype} {a.shape}"

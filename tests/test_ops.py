@@ -444,6 +444,17 @@ def test_batch_norm_relu_pool_gradients(shape, training):
                     [x, gamma, beta], names=["x", "gamma", "beta"])
 
 
+@pytest.mark.parametrize("pooled, training", [(False, True), (False, False), (True, True)],
+                         ids=["bn-train", "bn-eval", "bn-relu-pool-train"])
+def test_batch_norm_input_bias_gradients(pooled, training):
+    """The preceding convolution's bias, added inside the op (nn.Sequential), gets its gradient too."""
+    (x, gamma, beta), rm, rv = bn_inputs((2, 4, 4, 3), seed=5, relu=pooled, training=training)
+    bias = Tensor(np.random.default_rng(9).uniform(-0.5, 0.5, 3), requires_grad=True)
+    op = ops.batch_norm_relu_pool if pooled else ops.batch_norm
+    check_gradients(lambda x, g, b, c: op(x, g, b, rm.copy(), rv.copy(), training=training, input_bias=c),
+                    [x, gamma, beta, bias], names=["x", "gamma", "beta", "input_bias"])
+
+
 def test_batch_norm_relu_pool_forward_matches_formula_and_loops():
     (x, gamma, beta), rm, rv = bn_inputs((2, 4, 6, 3), seed=4, relu=False, training=True)
     out = ops.batch_norm_relu_pool(x, gamma, beta, rm, rv, training=True)
