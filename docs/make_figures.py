@@ -215,7 +215,7 @@ def lr_schedules():
     for ax, (title, cfg) in zip(axes, recipes):
         steps_per_epoch = math.ceil(CIFAR10_TRAIN_IMAGES / cfg.batch_size)
         schedule = train.make_schedule(cfg, steps_per_epoch)
-        steps = np.arange(cfg.epochs * steps_per_epoch)
+        steps = np.arange(cfg.resolved_epochs() * steps_per_epoch)
         ax.plot(steps / steps_per_epoch, [schedule(s) for s in steps], lw=1.2)
         ax.set_title(f"{title}: {cfg.optimizer}, {cfg.schedule}, peak {cfg.resolved_lr():g}, "
                      f"batch {cfg.batch_size}", fontsize=9)

@@ -17,7 +17,7 @@ MAX_EPOCHS = 1_000_000  # keeps step counts far from float overflow in the sched
 
 # The domain of every numeric setting: (field, integer?, None allowed?, test, the domain in words).
 NUMERIC_DOMAINS = (
-    ("epochs", True, False, lambda v: 1 <= v <= MAX_EPOCHS, f"from 1 to {MAX_EPOCHS:,}"),
+    ("epochs", True, True, lambda v: 1 <= v <= MAX_EPOCHS, f"from 1 to {MAX_EPOCHS:,}"),
     ("batch_size", True, False, lambda v: v >= 2, ">= 2 (batch norm needs a batch)"),
     ("lr", False, True, lambda v: v > 0, "> 0"),
     ("momentum", False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
