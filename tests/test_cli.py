@@ -84,6 +84,13 @@ def test_help_recommends_bn_reestimate_and_fast_bn_momentum_with_lookahead(help_
     assert "--bn-reestimate N" in lookahead and "--bn-momentum 0.4" in lookahead, lookahead
 
 
+def test_help_names_the_default_number_of_epochs_of_each_dataset(help_text):
+    """--epochs has no single default: 13 passes over the training set, 18 on CIFAR-100."""
+    text = " ".join(help_text.stdout.split())
+    epochs = text[text.rindex("--epochs EPOCHS"):text.rindex("--batch-size BATCH_SIZE")]
+    assert "(default 13; 18 for cifar100)" in epochs, epochs
+
+
 def test_help_hides_the_smoke_test_flag(help_text):
     assert "--max-steps-per-epoch" not in help_text.stdout
 

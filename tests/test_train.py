@@ -656,6 +656,72 @@ def test_tta_may_change_on_resume_without_allow_changes(epoch_1_checkpoint):
     assert cfg.tta == other and changes == {}
 
 
+# ----------------------------------------------------------------------------- the default number of epochs
+
+def settled(values, given):
+    """The config a run goes with: what settle_config makes of TrainConfig(**values) before any work."""
+    return train_module.settle_config(TrainConfig(**values), given, distributed.SingleProcess())[0]
+
+
+@pytest.mark.parametrize("argv, epochs", [
+    ([], 13), (["--dataset", "cifar10"], 13), (["--dataset", "cifar100"], 18), (["--dataset", "cifar100", "--coarse"], 18),
+    (["--dataset", "synthetic"], 13), (["--dataset", "cifar10", "--epochs", "5"], 5),
+    (["--dataset", "cifar100", "--epochs", "5"], 5), (["--dataset", "cifar100", "--recipe", "paper"], 150),
+])
+def test_without_epochs_a_run_trains_for_its_datasets_default(argv, epochs):
+    """13 epochs, 18 on CIFAR-100 (it still gained 1.5 points per epoch at the end of 13); --epochs and
+    --recipe paper's 150 always win. Settled into an int before any work starts."""
+    values = train_module.flag_values(argv)
+    cfg = settled(values, values)
+    assert cfg.epochs == epochs and type(cfg.epochs) is int, f"{argv}: {cfg.epochs!r} epochs, expected {epochs}"
+
+
+@pytest.mark.parametrize("dataset, epochs", [("cifar10", 13), ("cifar100", 18)])
+def test_library_config_without_epochs_trains_for_its_datasets_default(dataset, epochs):
+    """nanoq4.train(TrainConfig(dataset=...)): the config's None resolves as on the command line, and
+    the schedule (built from a config not yet settled, as docs/make_figures.py does) lasts as long."""
+    assert settled(dict(dataset=dataset), None).epochs == epochs
+    assert settled(dict(dataset=dataset, epochs=3), None).epochs == 3
+    lr = train_module.make_schedule(TrainConfig(dataset=dataset), STEPS)
+    assert lr(epochs * STEPS - 1) > 0 and lr(epochs * STEPS) == 0, f"the schedule of {dataset} is not {epochs} epochs"
+
+
+def test_resumed_run_keeps_the_number_of_epochs_of_its_checkpoint(epoch_1_checkpoint):
+    """A CIFAR-100 checkpoint written when its default was 13 epochs goes on for 13, not today's 18;
+    --epochs given again must agree with it, even with --allow-changes."""
+    saved = dict(export.load_checkpoint(epoch_1_checkpoint)["config"], dataset="cifar100", epochs=13)
+    cfg, changes = train_module.resumed_config(TrainConfig(resume="x"), saved, given={"resume"})
+    assert (cfg.epochs, changes) == (13, {})
+    cfg, _ = train_module.resumed_config(TrainConfig(resume="x", epochs=13), saved, given={"resume", "epochs"})
+    assert cfg.epochs == 13
+    with pytest.raises(NanoQ4Error, match=r"epochs=13 \(given 18\).*--epochs cannot change"):
+        train_module.resumed_config(TrainConfig(resume="x", epochs=18, allow_changes=True), saved,
+                                    given={"resume", "epochs"})
+
+
+def test_default_number_of_epochs_is_saved_as_a_number_and_a_resumed_run_keeps_it(smoke_run, tmp_path,
+                                                                                    monkeypatch):
+    """A run without --epochs saves its dataset's default (here made 2 for the synthetic data) as an
+    int in metrics.jsonl and the checkpoint; changing the default afterwards does not change the
+    resumed run, which ends as the run with --epochs 2 typed."""
+    monkeypatch.setitem(train_module.DATASET_EPOCHS, "synthetic", 2)
+    at = SMOKE.index("--epochs")
+    without_epochs = SMOKE[:at] + SMOKE[at + 2:]
+    real_step = signal_after_step(3, signal.SIGINT, monkeypatch)
+    code, _ = run_main(without_epochs + ["--out", str(tmp_path)])
+    assert code == 130
+    saved = export.load_checkpoint(tmp_path / "checkpoint.ckpt")["config"]["epochs"]
+    assert saved == 2 and type(saved) is int, f"the checkpoint holds epochs={saved!r}"
+    assert read_metrics(tmp_path)[0]["config"]["epochs"] == 2
+
+    monkeypatch.setattr(optim.SGD, "step", real_step)
+    monkeypatch.setitem(train_module.DATASET_EPOCHS, "synthetic", 3)
+    code, stdout = run_main(["--resume", str(tmp_path / "checkpoint.ckpt")])
+    assert code == 0, stdout
+    assert "epoch 2/2:" in stdout
+    assert_same_run(tmp_path, smoke_run[1])
+
+
 def test_chance_rule_is_off_when_one_class_is_most_of_the_data():
     """With 90% of the images in one class a healthy run sits near 90%: not a divergence."""
     steps = safeguards.CHANCE_MIN_STEPS
