@@ -4,6 +4,7 @@ one-tile textbook identity, the convolution against the direct tap-by-tap refere
 checked against im2col), its float32 error against float64 at VGG4bit's shapes, and a float64
 central-difference gradient check. Run with NUMBA_DISABLE_JIT=1 to execute the kernels as Python."""
 import threading
+import time
 
 import numba
 import numpy as np
@@ -386,6 +387,79 @@ def test_threaded_and_sequential_chunks_agree(monkeypatch):
     dx1, dw1 = winograd.conv3x3_backward(g, saved1, chunk_bytes=small)
     for name, a, b in (("y", y, y1), ("dx", dx, dx1), ("dw", dw, dw1)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def dealing(assignment):
+    """A stand-in for parallel.run_on_threads that gives the workers the items (chunks, or groups
+    of them) as `assignment(items, threads)` says, one list per worker, and runs the workers one
+    after another on the caller: an assignment first come first served can produce when the
+    threads run at other speeds."""
+    def run_on_threads(items, threads, worker, name="worker"):
+        return [worker(iter(mine)) for mine in assignment(list(items), min(threads, len(items)))]
+    return run_on_threads
+
+
+ASSIGNMENTS = {  # each worker takes its items in order, as first come first served hands them out
+    "in turn": lambda items, threads: [items[i::threads] for i in range(threads)],
+    "in blocks": lambda items, threads: [items[len(items) * i // threads:len(items) * (i + 1) // threads]
+                                         for i in range(threads)],
+    "one late worker": lambda items, threads: [items[:-1], items[-1:]] + [[]] * (threads - 2),
+    "one worker alone": lambda items, threads: [items] + [[]] * (threads - 1),
+}
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_gradients_do_not_depend_on_which_thread_takes_which_chunk(monkeypatch, threads):
+    """The threads take chunks first come first served, so which thread gets which chunk is up to
+    timing; y, dx and dw must come out bit for bit the same under every assignment, or two runs
+    with one seed differ and --resume does not continue a run exactly."""
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
+    monkeypatch.setattr(parallel, "worker_threads", lambda: threads)
+    n, h, cin, cout = 24, 8, 8, 8
+    x, w, g = operands(n, h, h, cin, cout, np.float32)
+    du_bytes = P * cin * cout * 4  # backward's chunks hold twice this: 2 images of 4 tiles here
+    chunks = winograd._chunks(n, h, h, cin + cout, 4, 2 * du_bytes, threads)
+    assert len(chunks) >= 4 * threads, f"{len(chunks)} chunks: too few to deal in different ways"
+    results = {}
+    for name, assignment in ASSIGNMENTS.items():
+        monkeypatch.setattr(parallel, "run_on_threads", dealing(assignment))
+        y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
+        dx, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
+        results[name] = {"y": y, "dx": dx, "dw": dw}
+    first, *others = ASSIGNMENTS
+    for name in others:
+        for what, expected in results[first].items():
+            actual = results[name][what]
+            differ = int(np.count_nonzero(actual != expected))
+            assert differ == 0, (f"{what}: {differ} of {actual.size} values differ between the chunk "
+                                 f"assignments '{first}' and '{name}' ({threads} threads)")
+
+
+def test_gradients_are_the_same_when_a_thread_starts_late(monkeypatch):
+    """On real worker threads: one thread held back before its first chunk (as when the OS
+    deschedules it) leaves the others more chunks, and dw keeps its bits."""
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
+    x, w, g = operands(24, 8, 8, 8, 8, np.float32)
+    y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
+    if numba.config.DISABLE_JIT or parallel.worker_threads() < 2:
+        pytest.skip("needs compiled kernels on several worker threads (OpenBLAS, omp or tbb)")
+    _, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
+    run = parallel.run_on_threads
+
+    def with_a_late_thread(items, threads, worker, name="worker"):
+        late = []
+
+        def maybe_late(my_items):
+            if not late:  # the first worker to start; a second one sleeping too would not matter
+                late.append(threading.current_thread().name)
+                time.sleep(0.3)
+            return worker(my_items)
+        return run(items, threads, maybe_late, name)
+
+    monkeypatch.setattr(parallel, "run_on_threads", with_a_late_thread)
+    _, dw_late = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
+    differ = int(np.count_nonzero(dw_late != dw))
+    assert differ == 0, f"dw: {differ} of {dw.size} values differ when one thread starts 0.3 s late"
 
 
 def test_chunks_run_on_worker_threads_when_possible():
