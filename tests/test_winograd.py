@@ -336,7 +336,7 @@ def test_backward_reuses_the_transformed_weights_of_forward(monkeypatch):
 
 
 def test_backward_chunks_hold_twice_the_partial_du(monkeypatch):
-    """Every chunk's partial dU (36, Cout, Cin) is added into its worker's sum, so when dw is
+    """Every chunk's partial dU (36, Cout, Cin) is added into its group's sum, so when dw is
     needed backward's chunks hold at least twice those bytes (the sums stay a small share of the
     memory traffic); for dx alone the chunks stay as small as asked."""
     monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
@@ -351,12 +351,12 @@ def test_backward_chunks_hold_twice_the_partial_du(monkeypatch):
     image_bytes, partial_bytes = P * (cin + cout) * 8, P * cout * cin * 8
     seen.clear()
     _, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
-    (chunks,) = seen
+    chunks = [chunk for _, group in seen[0] for chunk in group]  # the workers take (index, group)
     assert len(chunks) > 1 and all((e - s) * image_bytes >= 2 * partial_bytes for s, e, _ in chunks[:-1])
     assert_close_to_scale(dw, winograd.conv3x3_backward_reference(g, x, w)[1], np.float64, "dw")
     seen.clear()
     winograd.conv3x3_backward(g, saved, need_w=False, chunk_bytes=1)
-    assert [e - s for s, e, _ in seen[0]] == [1] * n
+    assert [[e - s for s, e, _ in group] for _, group in seen[0]] == [[1]] * n, "dx alone: a group per chunk"
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, P * 1 * 3 * 8 * 2, 1 << 30],
