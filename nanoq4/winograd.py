@@ -53,13 +53,14 @@ The batch runs in chunks of images whose V and M take ~CHUNK_BYTES (and hold at 
 MIN_CHUNK_TILES tiles, so the GEMMs have enough rows), so the transforms and the GEMMs hand each
 other cache-resident data and memory stays flat at any batch size. The chunks run on worker
 threads, one per core, as parallel.py schedules them (that module explains why, and holds BLAS to
-one thread meanwhile). Backward sums dU over the chunks by parallel.summing_groups, so that its bits do
-not depend on which thread took which chunk: each group of consecutive chunks adds its chunks' dU in
-order into its own (36, Cout, Cin) sum, and the groups' sums are added in group order. With two
-groups per thread that is, for VGG4bit's 256 x 256-channel layer on 2 threads, four sums of 9.4 MB
-where one sum per thread made two, and three additions of them instead of one. Backward's chunks hold at least twice the bytes of that sum, so reading and writing
-it per chunk stays a small share of the work. Backward's 72 GEMMs per chunk run in one Numba call to OpenBLAS's CBLAS GEMM
-(backward_gemms): dU accumulates inside the GEMM (beta = 1) instead of through a scratch product
+one thread meanwhile). Backward sums dU over the chunks by parallel.summing_groups, so that its
+bits do not depend on which thread took which chunk: each group of consecutive chunks adds its
+chunks' dU in order into its own (36, Cout, Cin) sum, and the groups' sums are added in group
+order. With two groups per thread that is, for VGG4bit's 256 x 256-channel layer on 2 threads,
+four sums of 9.4 MB where one sum per thread made two, and three additions of them instead of
+one. Backward's chunks hold at least twice the bytes of that sum, so reading and writing it per
+chunk stays a small share of the work. Backward's 72 GEMMs per chunk run in one Numba call to
+OpenBLAS's CBLAS GEMM (backward_gemms): dU accumulates inside the GEMM (beta = 1) instead of through a scratch product
 and a second pass to add it, and dV[k] = dM[k] @ U[k] follows dU[k] while dM[k] is in cache.
 
 Transform kernels loop over tiles (`prange`: parallel when called from the main thread, serial

@@ -3,6 +3,7 @@ plain-NumPy twin, each twin against the definition of its adjoint, the matrices 
 one-tile textbook identity, the convolution against the direct tap-by-tap reference (itself
 checked against im2col), its float32 error against float64 at VGG4bit's shapes, and a float64
 central-difference gradient check. Run with NUMBA_DISABLE_JIT=1 to execute the kernels as Python."""
+import itertools
 import threading
 import time
 
@@ -435,31 +436,46 @@ def test_gradients_do_not_depend_on_which_thread_takes_which_chunk(monkeypatch, 
                                  f"assignments '{first}' and '{name}' ({threads} threads)")
 
 
-def test_gradients_are_the_same_when_a_thread_starts_late(monkeypatch):
-    """On real worker threads: one thread held back before its first chunk (as when the OS
-    deschedules it) leaves the others more chunks, and dw keeps its bits."""
+def with_a_held_thread(run, before_item):
+    """parallel.run_on_threads, where the first worker to start sleeps before taking its item
+    number `before_item` (0: its first), as when the OS deschedules it: the others take more."""
+    def run_on_threads(items, threads, worker, name="worker"):
+        started = []
+
+        def maybe_held(my_items):
+            if started:  # another worker was first; two sleeping at once would not matter
+                return worker(my_items)
+            started.append(threading.current_thread().name)
+
+            def taken():
+                for count in itertools.count():
+                    if count == before_item:
+                        time.sleep(0.3)
+                    item = next(my_items, None)
+                    if item is None:
+                        return
+                    yield item
+            return worker(taken())
+        return run(items, threads, maybe_held, name)
+    return run_on_threads
+
+
+def test_gradients_are_the_same_when_a_thread_is_held_back(monkeypatch):
+    """On real worker threads: whether a thread is held back before its first or its second chunk
+    (so that it sums one chunk or none while another sums the rest), dw keeps its bits."""
     monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
     x, w, g = operands(24, 8, 8, 8, 8, np.float32)
-    y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
+    _, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
     if numba.config.DISABLE_JIT or parallel.worker_threads() < 2:
         pytest.skip("needs compiled kernels on several worker threads (OpenBLAS, omp or tbb)")
-    _, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
     run = parallel.run_on_threads
-
-    def with_a_late_thread(items, threads, worker, name="worker"):
-        late = []
-
-        def maybe_late(my_items):
-            if not late:  # the first worker to start; a second one sleeping too would not matter
-                late.append(threading.current_thread().name)
-                time.sleep(0.3)
-            return worker(my_items)
-        return run(items, threads, maybe_late, name)
-
-    monkeypatch.setattr(parallel, "run_on_threads", with_a_late_thread)
-    _, dw_late = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
-    differ = int(np.count_nonzero(dw_late != dw))
-    assert differ == 0, f"dw: {differ} of {dw.size} values differ when one thread starts 0.3 s late"
+    dws = []
+    for before_item in (0, 1):
+        monkeypatch.setattr(parallel, "run_on_threads", with_a_held_thread(run, before_item))
+        dws.append(winograd.conv3x3_backward(g, saved, chunk_bytes=1)[1])
+    differ = int(np.count_nonzero(dws[0] != dws[1]))
+    assert differ == 0, (f"dw: {differ} of {dws[0].size} values differ between a thread held back "
+                         f"before its first chunk and one held back before its second")
 
 
 def test_chunks_run_on_worker_threads_when_possible():
