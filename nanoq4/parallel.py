@@ -24,6 +24,16 @@ So BLAS is held to one thread (`blas_limit`) while the workers run, and each wor
 Numba thread count to 1. Where the BLAS thread count cannot be changed, or Numba's threading layer
 does not accept kernel launches from several threads, the chunks run one after another on the
 calling thread, with parallel kernels and multi-threaded BLAS.
+
+Sums over chunks (the weight gradient of Winograd's backward). First come first served decides
+which thread takes which chunk by timing, and float addition is not associative: a worker that
+summed the chunks it happened to take would make the total's bits depend on the timing, so two
+runs with one seed would differ and --resume would not continue a run bit for bit. Such a sum
+goes by `summing_groups` instead: a fixed number of consecutive groups of chunks, each summed in
+order by the one thread that claims it (the threads claim whole groups first come first served),
+and the groups' sums added in group order. The total then depends on the chunking and the thread
+count, both fixed in a run, and not on timing. Two groups per thread keep some load balancing (a
+thread held back takes fewer groups) for one more partial sum per thread in memory.
 """
 import collections
 import concurrent.futures
@@ -197,11 +207,21 @@ def _single_threaded_worker():
     numba.set_num_threads(1)  # per thread: this worker's kernels run serially
 
 
+def summing_groups(chunks, threads, groups_per_thread=2):
+    """[[chunk, ...], ...]: `chunks` in consecutive groups for a sum that must not depend on which
+    thread takes which chunk (module docstring): groups_per_thread groups per thread (as equal as
+    the chunks allow, at most one chunk more or less), one group for a single thread."""
+    count = min(len(chunks), groups_per_thread * threads if threads > 1 else 1)
+    bounds = [len(chunks) * i // count for i in range(count + 1)] if count else [0]
+    return [chunks[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+
+
 def run_on_threads(chunks, threads, worker, name="worker"):
     """Call worker(chunk_iterator) once per thread; the threads share `chunks` first come first
     served (a slow or descheduled thread simply takes fewer), each with one Numba thread, BLAS held
     to one thread meanwhile. One thread: worker runs on the caller. The threads are named
-    name_0, name_1, ... and kept for the next call. Returns the workers' results."""
+    name_0, name_1, ... and kept for the next call. Returns the workers' results, which depend
+    on which chunks each worker took: a sum over chunks goes by summing_groups."""
     pending = collections.deque(chunks)
 
     def take():

@@ -53,10 +53,14 @@ The batch runs in chunks of images whose V and M take ~CHUNK_BYTES (and hold at 
 MIN_CHUNK_TILES tiles, so the GEMMs have enough rows), so the transforms and the GEMMs hand each
 other cache-resident data and memory stays flat at any batch size. The chunks run on worker
 threads, one per core, as parallel.py schedules them (that module explains why, and holds BLAS to
-one thread meanwhile). Each worker adds each chunk's dU into its own (36, Cout, Cin) sum; backward's
-chunks hold at least twice the bytes of that sum, so reading and writing it per chunk stays a small
-share of the work. Backward's 72 GEMMs per chunk run in one Numba call to OpenBLAS's CBLAS GEMM
-(backward_gemms): dU accumulates inside the GEMM (beta = 1) instead of through a scratch product
+one thread meanwhile). Backward sums dU over the chunks by parallel.summing_groups, so that its
+bits do not depend on which thread took which chunk: each group of consecutive chunks adds its
+chunks' dU in order into its own (36, Cout, Cin) sum, and the groups' sums are added in group
+order. With two groups per thread that is, for VGG4bit's 256 x 256-channel layer on 2 threads,
+four sums of 9.4 MB where one sum per thread made two, and three additions of them instead of
+one. Backward's chunks hold at least twice the bytes of that sum, so reading and writing it per
+chunk stays a small share of the work. Backward's 72 GEMMs per chunk run in one Numba call to
+OpenBLAS's CBLAS GEMM (backward_gemms): dU accumulates inside the GEMM (beta = 1) instead of through a scratch product
 and a second pass to add it, and dV[k] = dM[k] @ U[k] follows dU[k] while dM[k] is in cache.
 
 Transform kernels loop over tiles (`prange`: parallel when called from the main thread, serial
@@ -628,8 +632,9 @@ def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_
     returned with keep_for_backward=True.
 
     Per chunk of images: dM = A dY A^T once, then dU += dM^T @ V (V recomputed from x) and
-    dV = dM @ U (backward_gemms), summed back into dx by the adjoint input transform. Each worker
-    thread accumulates its own dU; dw = G^T (sum of those) G at the end.
+    dV = dM @ U (backward_gemms), summed back into dx by the adjoint input transform. dU is summed
+    per group of consecutive chunks (parallel.summing_groups), the groups' sums in group order;
+    dw = G^T dU G at the end. The result depends on the chunking, not on which thread took what.
     """
     if not (need_x or need_w):
         return None, None
@@ -646,30 +651,35 @@ def conv3x3_backward(grad_y, saved, need_x=True, need_w=True, chunk_bytes=CHUNK_
     x, u = np.ascontiguousarray(x, dtype=dtype), _position_major(_storage(u).astype(dtype, copy=False))
     dx = np.empty(x.shape, dtype=dtype) if need_x else None
     threads = parallel.worker_threads()
-    # Each chunk reads and writes its thread's (36, Cout, Cin) dU sum: keep chunks at least twice
+    # Each chunk reads and writes its group's (36, Cout, Cin) dU sum: keep chunks at least twice
     # that size, or the sums cost more memory traffic than the chunk (8x8, 256 channels).
     chunk_bytes = max(chunk_bytes, 2 * POSITIONS * cin * cout * grad_y.itemsize) if need_w else chunk_bytes
     chunks = _chunks(n, h, wd, cin + cout, grad_y.itemsize, chunk_bytes, threads)
     max_tiles = max(tiles for _, _, tiles in chunks)
+    # dx alone is written chunk by chunk: every chunk its own group, the finest sharing of the work
+    groups = parallel.summing_groups(chunks, threads) if need_w else [[chunk] for chunk in chunks]
+    group_du = [None] * len(groups)
 
-    def worker(my_chunks):
+    def worker(my_groups):
         v_flat = np.empty(POSITIONS * max_tiles * cin, dtype=dtype)  # V, then dV
         m_flat = np.empty(POSITIONS * max_tiles * cout, dtype=dtype)
-        du = _position_major(np.zeros((cout, POSITIONS, cin), dtype=dtype)) if need_w else None
-        for s, e, tiles in my_chunks:
-            dm = output_transform_adjoint(grad_y[s:e], out=_buffer(m_flat, tiles, cout))
-            v = _buffer(v_flat, tiles, cin)
-            if need_w:
-                input_transform(x[s:e], out=v)
-            backward_gemms(dm, u, v, du, dv=need_x)  # du += dM^T @ V; V becomes dV = dM @ U
-            if need_x:
-                input_transform_adjoint(v, dx[s:e].shape, out=dx[s:e])
-        return du
+        for index, group in my_groups:
+            du = _position_major(np.zeros((cout, POSITIONS, cin), dtype=dtype)) if need_w else None
+            for s, e, tiles in group:
+                dm = output_transform_adjoint(grad_y[s:e], out=_buffer(m_flat, tiles, cout))
+                v = _buffer(v_flat, tiles, cin)
+                if need_w:
+                    input_transform(x[s:e], out=v)
+                backward_gemms(dm, u, v, du, dv=need_x)  # du += dM^T @ V; V becomes dV = dM @ U
+                if need_x:
+                    input_transform_adjoint(v, dx[s:e].shape, out=dx[s:e])
+            group_du[index] = du
 
-    du, *others = parallel.run_on_threads(chunks, threads, worker, "winograd")
+    parallel.run_on_threads(list(enumerate(groups)), threads, worker, "winograd")
     if not need_w:
         return dx, None
-    for partial_du in others:
+    du, *later = group_du
+    for partial_du in later:  # in group order
         du += partial_du
     return dx, weight_transform_adjoint(du)
 

@@ -131,6 +131,18 @@ def test_blas_gemm_is_found_on_linux_wheels():
     assert parallel.blas_gemm(np.float32) is not None and parallel.blas_gemm(np.float64) is not None
 
 
+@pytest.mark.parametrize("n, threads", [(0, 2), (1, 2), (3, 2), (4, 2), (12, 2), (13, 2), (12, 3), (7, 1)])
+def test_summing_groups_are_consecutive_and_two_per_thread(n, threads):
+    """A timing-independent sum needs groups fixed by the chunks and the thread count alone:
+    consecutive, every chunk in one, two per thread (one for a single thread), sizes within one."""
+    chunks = [(i, i + 1) for i in range(n)]
+    groups = parallel.summing_groups(chunks, threads)
+    assert [chunk for group in groups for chunk in group] == chunks, "consecutive, each chunk once"
+    assert len(groups) == min(n, 2 * threads if threads > 1 else 1), f"{len(groups)} groups"
+    sizes = [len(group) for group in groups]
+    assert not sizes or (min(sizes) >= 1 and max(sizes) - min(sizes) <= 1), sizes
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_run_on_threads_gives_each_chunk_to_exactly_one_worker(threads):
     def worker(my_chunks):

@@ -3,7 +3,9 @@ plain-NumPy twin, each twin against the definition of its adjoint, the matrices 
 one-tile textbook identity, the convolution against the direct tap-by-tap reference (itself
 checked against im2col), its float32 error against float64 at VGG4bit's shapes, and a float64
 central-difference gradient check. Run with NUMBA_DISABLE_JIT=1 to execute the kernels as Python."""
+import itertools
 import threading
+import time
 
 import numba
 import numpy as np
@@ -335,7 +337,7 @@ def test_backward_reuses_the_transformed_weights_of_forward(monkeypatch):
 
 
 def test_backward_chunks_hold_twice_the_partial_du(monkeypatch):
-    """Every chunk's partial dU (36, Cout, Cin) is added into its worker's sum, so when dw is
+    """Every chunk's partial dU (36, Cout, Cin) is added into its group's sum, so when dw is
     needed backward's chunks hold at least twice those bytes (the sums stay a small share of the
     memory traffic); for dx alone the chunks stay as small as asked."""
     monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
@@ -350,12 +352,12 @@ def test_backward_chunks_hold_twice_the_partial_du(monkeypatch):
     image_bytes, partial_bytes = P * (cin + cout) * 8, P * cout * cin * 8
     seen.clear()
     _, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
-    (chunks,) = seen
+    chunks = [chunk for _, group in seen[0] for chunk in group]  # the workers take (index, group)
     assert len(chunks) > 1 and all((e - s) * image_bytes >= 2 * partial_bytes for s, e, _ in chunks[:-1])
     assert_close_to_scale(dw, winograd.conv3x3_backward_reference(g, x, w)[1], np.float64, "dw")
     seen.clear()
     winograd.conv3x3_backward(g, saved, need_w=False, chunk_bytes=1)
-    assert [e - s for s, e, _ in seen[0]] == [1] * n
+    assert [[e - s for s, e, _ in group] for _, group in seen[0]] == [[1]] * n, "dx alone: a group per chunk"
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, P * 1 * 3 * 8 * 2, 1 << 30],
@@ -386,6 +388,94 @@ def test_threaded_and_sequential_chunks_agree(monkeypatch):
     dx1, dw1 = winograd.conv3x3_backward(g, saved1, chunk_bytes=small)
     for name, a, b in (("y", y, y1), ("dx", dx, dx1), ("dw", dw, dw1)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def dealing(assignment):
+    """A stand-in for parallel.run_on_threads that gives the workers the items (chunks, or groups
+    of them) as `assignment(items, threads)` says, one list per worker, and runs the workers one
+    after another on the caller: an assignment first come first served can produce when the
+    threads run at other speeds."""
+    def run_on_threads(items, threads, worker, name="worker"):
+        return [worker(iter(mine)) for mine in assignment(list(items), min(threads, len(items)))]
+    return run_on_threads
+
+
+ASSIGNMENTS = {  # each worker takes its items in order, as first come first served hands them out
+    "in turn": lambda items, threads: [items[i::threads] for i in range(threads)],
+    "in blocks": lambda items, threads: [items[len(items) * i // threads:len(items) * (i + 1) // threads]
+                                         for i in range(threads)],
+    "one late worker": lambda items, threads: [items[:-1], items[-1:]] + [[]] * (threads - 2),
+    "one worker alone": lambda items, threads: [items] + [[]] * (threads - 1),
+}
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_gradients_do_not_depend_on_which_thread_takes_which_chunk(monkeypatch, threads):
+    """The threads take chunks first come first served, so which thread gets which chunk is up to
+    timing; y, dx and dw must come out bit for bit the same under every assignment, or two runs
+    with one seed differ and --resume does not continue a run exactly."""
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
+    monkeypatch.setattr(parallel, "worker_threads", lambda: threads)
+    n, h, cin, cout = 24, 8, 8, 8
+    x, w, g = operands(n, h, h, cin, cout, np.float32)
+    du_bytes = P * cin * cout * 4  # backward's chunks hold twice this: 2 images of 4 tiles here
+    chunks = winograd._chunks(n, h, h, cin + cout, 4, 2 * du_bytes, threads)
+    assert len(chunks) >= 4 * threads, f"{len(chunks)} chunks: too few to deal in different ways"
+    results = {}
+    for name, assignment in ASSIGNMENTS.items():
+        monkeypatch.setattr(parallel, "run_on_threads", dealing(assignment))
+        y, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
+        dx, dw = winograd.conv3x3_backward(g, saved, chunk_bytes=1)
+        results[name] = {"y": y, "dx": dx, "dw": dw}
+    first, *others = ASSIGNMENTS
+    for name in others:
+        for what, expected in results[first].items():
+            actual = results[name][what]
+            differ = int(np.count_nonzero(actual != expected))
+            assert differ == 0, (f"{what}: {differ} of {actual.size} values differ between the chunk "
+                                 f"assignments '{first}' and '{name}' ({threads} threads)")
+
+
+def with_a_held_thread(run, before_item):
+    """parallel.run_on_threads, where the first worker to start sleeps before taking its item
+    number `before_item` (0: its first), as when the OS deschedules it: the others take more."""
+    def run_on_threads(items, threads, worker, name="worker"):
+        started = []
+
+        def maybe_held(my_items):
+            if started:  # another worker was first; two sleeping at once would not matter
+                return worker(my_items)
+            started.append(threading.current_thread().name)
+
+            def taken():
+                for count in itertools.count():
+                    if count == before_item:
+                        time.sleep(0.3)
+                    item = next(my_items, None)
+                    if item is None:
+                        return
+                    yield item
+            return worker(taken())
+        return run(items, threads, maybe_held, name)
+    return run_on_threads
+
+
+def test_gradients_are_the_same_when_a_thread_is_held_back(monkeypatch):
+    """On real worker threads: whether a thread is held back before its first or its second chunk
+    (so that it sums one chunk or none while another sums the rest), dw keeps its bits."""
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 1)
+    x, w, g = operands(24, 8, 8, 8, 8, np.float32)
+    _, saved = winograd.conv3x3_forward(x, w, chunk_bytes=1)
+    if numba.config.DISABLE_JIT or parallel.worker_threads() < 2:
+        pytest.skip("needs compiled kernels on several worker threads (OpenBLAS, omp or tbb)")
+    run = parallel.run_on_threads
+    dws = []
+    for before_item in (0, 1):
+        monkeypatch.setattr(parallel, "run_on_threads", with_a_held_thread(run, before_item))
+        dws.append(winograd.conv3x3_backward(g, saved, chunk_bytes=1)[1])
+    differ = int(np.count_nonzero(dws[0] != dws[1]))
+    assert differ == 0, (f"dw: {differ} of {dws[0].size} values differ between a thread held back "
+                         f"before its first chunk and one held back before its second")
 
 
 def test_chunks_run_on_worker_threads_when_possible():
