@@ -108,6 +108,103 @@ def col2im_reference(cols, x_shape, kh, kw, stride, pad):
     return dxp[:, pad:pad + h, pad:pad + w, :]
 
 
+# ----------------------------------------------------------------------------- direct convolution, few input channels
+
+# Why: with 3 input channels (VGG's first layer) an im2col row is only 27 values, and BLAS runs the
+# (N*OH*OW, 27) @ (27, Cout) product and dW's 27 x Cout result with its N*OH*OW-long reduction at a
+# fraction of its speed (packing dominates; the long reduction barely parallelizes), after writing
+# and reading a 27-column im2col matrix. These kernels read the input in place instead: per output
+# pixel, its KH*KW*C inputs times the weight rows (C, Cout), vectorized over the Cout channels.
+# The weight is taken as w_t (KH, KW, C, Cout), the transposed (K, Cout) GEMM operand.
+
+@njit(parallel=True, cache=True)
+def _direct_conv_kernel(x, w_t, stride, pad, out):
+    n, h, w, c = x.shape
+    kh, kw, _, cout = w_t.shape
+    _, oh, ow, _ = out.shape
+    for row in prange(n * oh):  # each output row is written by one thread: no races, same bits
+        b, i = row // oh, row % oh
+        acc = np.empty(cout, dtype=out.dtype)
+        for j in range(ow):
+            acc[:] = 0.0
+            for ki in range(kh):
+                y = i * stride - pad + ki
+                if y < 0 or y >= h:
+                    continue
+                for kj in range(kw):
+                    xx = j * stride - pad + kj
+                    if xx < 0 or xx >= w:
+                        continue
+                    for ch in range(c):
+                        v = x[b, y, xx, ch]
+                        for co in range(cout):
+                            acc[co] += v * w_t[ki, kj, ch, co]
+            for co in range(cout):
+                out[b, i, j, co] = acc[co]
+
+
+def direct_conv(x, w, stride, pad):
+    """(N, H, W, C) * (Cout, KH, KW, C) -> (N, OH, OW, Cout), zero padding, without im2col: for few
+    input channels (see above). Each output is its terms summed in (ki, kj, c) order."""
+    n, h, wd, c = x.shape
+    cout, kh, kw, _ = w.shape
+    out = np.empty((n, conv_output_size(h, kh, stride, pad), conv_output_size(wd, kw, stride, pad), cout),
+                   dtype=np.result_type(x, w))
+    w_t = np.ascontiguousarray(w.transpose(1, 2, 3, 0), dtype=out.dtype)
+    _direct_conv_kernel(np.ascontiguousarray(x, dtype=out.dtype), w_t, stride, pad, out)
+    return out
+
+
+def direct_conv_reference(x, w, stride, pad):
+    n, h, wd, c = x.shape
+    cout, kh, kw, _ = w.shape
+    oh, ow = conv_output_size(h, kh, stride, pad), conv_output_size(wd, kw, stride, pad)
+    return (im2col_reference(x, kh, kw, stride, pad) @ w.reshape(cout, -1).T).reshape(n, oh, ow, cout)
+
+
+@njit(parallel=True, cache=True)
+def _direct_conv_weight_grad_kernel(x, g, stride, pad, partial):
+    n, h, w, c = x.shape
+    _, kh, kw, _, cout = partial.shape
+    _, oh, ow, _ = g.shape
+    for b in prange(n):  # one partial dW per image, summed afterwards in image order
+        part = partial[b]
+        part[...] = 0.0
+        for i in range(oh):
+            for ki in range(kh):
+                y = i * stride - pad + ki
+                if y < 0 or y >= h:
+                    continue
+                for j in range(ow):
+                    for kj in range(kw):
+                        xx = j * stride - pad + kj
+                        if xx < 0 or xx >= w:
+                            continue
+                        for ch in range(c):
+                            v = x[b, y, xx, ch]
+                            for co in range(cout):
+                                part[ki, kj, ch, co] += v * g[b, i, j, co]
+
+
+def direct_conv_weight_grad(x, g, kh, kw, stride, pad):
+    """dL/dW (Cout, KH, KW, C) of direct_conv from its input x (N, H, W, C) and output gradient g
+    (N, OH, OW, Cout). One partial sum per image (a thread owns whole images), then the partials
+    added in image order: the same bits whatever the thread count or timing."""
+    n, h, wd, c = x.shape
+    cout = g.shape[3]
+    dtype = np.result_type(x, g)
+    partial = np.empty((n, kh, kw, c, cout), dtype=dtype)
+    _direct_conv_weight_grad_kernel(np.ascontiguousarray(x, dtype=dtype), np.ascontiguousarray(g, dtype=dtype),
+                                    stride, pad, partial)
+    return np.ascontiguousarray(partial.sum(axis=0).transpose(3, 0, 1, 2))
+
+
+def direct_conv_weight_grad_reference(x, g, kh, kw, stride, pad):
+    cout, c = g.shape[3], x.shape[3]
+    cols = im2col_reference(x, kh, kw, stride, pad)
+    return (g.reshape(-1, cout).T @ cols).reshape(cout, kh, kw, c)
+
+
 # ----------------------------------------------------------------------------- max pooling
 
 @njit(parallel=True, cache=True)
