@@ -149,17 +149,15 @@ class Linear(Function):
 
 class Conv2d(Function):
     """2-D convolution (N,H,W,Cin) * (Cout,KH,KW,Cin) -> (N,OH,OW,Cout), zero padding, by one of
-    three algorithms with the same result: Winograd F(4x4, 3x3) for wide 3x3 / stride 1 / padding 1
-    layers (uses_winograd), direct loops for inputs of few channels (uses_direct: VGG's first layer),
-    im2col + GEMM for every other. forward picks one, and backward asks the same one for dx and dW;
-    each saves what its own backward needs in ctx. The bias is added here."""
+    two algorithms with the same result: Winograd F(4x4, 3x3) for wide 3x3 / stride 1 / padding 1
+    layers (uses_winograd), im2col + GEMM for every other. forward picks one, and backward asks the
+    same one for dx and dW; each saves what its own backward needs in ctx. The bias is added here."""
 
     @staticmethod
     def forward(ctx, x, w, b=None, stride=1, padding=0):
         if w.shape[3] != x.shape[3]:
             raise ValueError(f"conv2d: input has {x.shape[3]} channels, weight expects {w.shape[3]}")
-        ctx.algorithm = (Winograd3x3 if uses_winograd(w.shape, stride, padding)
-                         else DirectFewChannels if uses_direct(w.shape) else Im2colGemm)
+        ctx.algorithm = Winograd3x3 if uses_winograd(w.shape, stride, padding) else Im2colGemm
         ctx.has_bias = b is not None
         out = ctx.algorithm.forward(ctx, x, w, stride, padding)
         if b is not None:
@@ -262,39 +260,6 @@ class Im2colGemm:
                 else:
                     kernels.col2im(dcols[:len(g_chunk)], dx[s:e].shape, kh, kw, stride, padding, out=dx[s:e])
         dw = np.ascontiguousarray(dw_t.T).reshape(w_shape) if need_w else None
-        return dx, dw
-
-
-# Convolutions of inputs with at most this many channels run as direct loops (DirectFewChannels);
-# None sends them to im2col + GEMM too, for comparisons.
-DIRECT_MAX_CIN = 4
-
-
-def uses_direct(w_shape):
-    """Whether conv2d with this (Cout, KH, KW, Cin) weight (and not Winograd's) runs as direct loops."""
-    return DIRECT_MAX_CIN is not None and w_shape[3] <= DIRECT_MAX_CIN
-
-
-class DirectFewChannels(Im2colGemm):
-    """Conv2d's algorithm for inputs of few channels (an image's 3): kernels.direct_conv, which reads
-    the input in place. An im2col row would be only KH*KW*Cin values (27), a shape BLAS runs at a
-    fraction of its speed, in both the forward GEMM and dW's GEMM with its N*OH*OW-long reduction.
-    dW comes from kernels.direct_conv_weight_grad; dx (rarely needed: usually the input is the image
-    batch) from Im2colGemm's backward, whose ctx (saved, geometry) this one keeps."""
-
-    @staticmethod
-    def forward(ctx, x, w, stride, padding):
-        out = kernels.direct_conv(x, w, stride, padding)
-        ctx.save_for_backward(x, w.reshape(w.shape[0], -1))
-        ctx.geometry = (w.shape, stride, padding, out.shape[1], out.shape[2])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad, need_x, need_w):
-        x, _ = ctx.saved
-        w_shape, stride, padding, _, _ = ctx.geometry
-        dx = Im2colGemm.backward(ctx, grad, need_x, False)[0] if need_x else None
-        dw = kernels.direct_conv_weight_grad(x, grad, w_shape[1], w_shape[2], stride, padding) if need_w else None
         return dx, dw
 
 
