@@ -214,7 +214,9 @@ class Im2colGemm:
     flat at any batch size (smaller chunks run slower: BLAS wants tall GEMMs). Backward recomputes
     each chunk's patches (cheaper than keeping them all: 9x the input for a 3x3 kernel) for
     dW^T = cols^T @ dY and scatters dcols = dY @ W back with col2im, skipped when the input needs
-    no gradient (the image batch).
+    no gradient (the image batch). Except: a batch in one chunk whose patches are no larger than
+    the output (K <= Cout: VGG's first layer, 27 <= 64) keeps them in ctx.cols for dW, which saves
+    backward a pass over the input (ctx.cols is dropped when backward has used it).
     ctx.saved = (x, wmat): the input and the (Cout, K) weight matrix; ctx.geometry = (w.shape,
     stride, padding, OH, OW).
     """
@@ -228,8 +230,11 @@ class Im2colGemm:
         wmat = w.reshape(cout, -1)
         wmat_t = np.ascontiguousarray(wmat.T)  # (K, Cout): a plain row-major GEMM operand
         out = np.empty((n * oh * ow, cout), dtype=np.result_type(x, w))
+        ctx.cols = None
         for s, e, cols in _conv_chunks(x, kh, kw, stride, padding, oh, ow):
             np.matmul(cols, wmat_t, out=out[s * oh * ow:e * oh * ow])
+            if e - s == n and ctx.needs_input_grad[1] and wmat.shape[1] <= cout:
+                ctx.cols = cols  # one chunk no larger than the output: backward's dW reuses it
         ctx.save_for_backward(x, wmat)
         ctx.geometry = (w.shape, stride, padding, oh, ow)
         return out.reshape(n, oh, ow, cout)
@@ -246,7 +251,10 @@ class Im2colGemm:
         dx = np.empty(x.shape, dtype=g.dtype) if need_x else None
         partial_dw_t = np.empty_like(dw_t) if need_w else None
         dcols = None
-        for s, e, cols in _conv_chunks(x, kh, kw, stride, padding, oh, ow, need_cols=need_w):
+        chunks = ([(0, x.shape[0], ctx.cols)] if ctx.cols is not None
+                  else _conv_chunks(x, kh, kw, stride, padding, oh, ow, need_cols=need_w))
+        ctx.cols = None
+        for s, e, cols in chunks:
             g_chunk = g[s * oh * ow:e * oh * ow]
             if need_w:
                 np.matmul(cols.T, g_chunk, out=partial_dw_t)

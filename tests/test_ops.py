@@ -238,6 +238,46 @@ def test_conv2d_processed_in_many_chunks(monkeypatch, case):
     check_gradients(lambda x, w, b: ops.conv2d(x, w, b, stride, pad), [x, w, b])
 
 
+# VGG's first layer in small: 3 input channels, K = 27 patch values <= 32 output channels
+FIRST_LAYER_CASE = (2, 6, 5, 3, 32, 3, 1, 1, True)
+
+
+def test_conv2d_first_layer_keeps_its_patches_for_the_weight_gradient():
+    x, w, b, stride, pad = conv_inputs(FIRST_LAYER_CASE)
+    x.requires_grad = False  # the image batch
+    out = ops.conv2d(x, w, b, stride, pad)
+    ctx = out._ctx
+    assert ctx.algorithm is ops.Im2colGemm
+    assert ctx.cols is not None and ctx.cols.shape == (2 * 6 * 5, 27), "K <= Cout in one chunk: patches kept"
+    out.backward(np.ones(out.shape))
+    assert ctx.cols is None, "backward drops the kept patches"
+    check_gradients(lambda w, b: ops.conv2d(x, w, b, stride, pad), [w, b], names=["weight", "bias"])
+
+
+def test_conv2d_kept_patches_give_the_bits_of_recomputed_ones():
+    x, w, b, stride, pad = conv_inputs(FIRST_LAYER_CASE)
+    x32 = Tensor(x.data.astype(np.float32))
+    grad = np.random.default_rng(3).standard_normal((2, 6, 5, 32)).astype(np.float32)
+    dws = []
+    for keep in (True, False):
+        w32 = Tensor(w.data.astype(np.float32), requires_grad=True)
+        out = ops.conv2d(x32, w32, None, stride, pad)
+        if not keep:
+            out._ctx.cols = None  # backward recomputes the patches
+        out.backward(grad)
+        dws.append(w32.grad)
+    np.testing.assert_array_equal(dws[0], dws[1])
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3]], ids=str)
+def test_conv2d_keeps_no_patches_wider_than_the_output_or_without_a_weight_gradient(case):
+    x, w, b, stride, pad = conv_inputs(case)
+    assert ops.conv2d(x, w, b, stride, pad)._ctx.cols is None  # K = 18 or 50 > Cout = 3
+    x, w, b, stride, pad = conv_inputs(FIRST_LAYER_CASE)
+    w.requires_grad = False
+    assert ops.conv2d(x, w, b, stride, pad)._ctx.cols is None  # dW not needed
+
+
 def test_conv2d_weight_gradient_when_input_is_constant():
     x, w, b, stride, pad = conv_inputs(CONV_CASES[1])
     x.requires_grad = False
