@@ -110,7 +110,7 @@ class LocalGroup(distributed.Group):
         while not self.ended and time.monotonic() < deadline:
             time.sleep(0.01)
         if not self.ended:
-            return NanoQ4Error(f"a worker process stopped answering; the run stopped")
+            return NanoQ4Error("a worker process stopped answering; the run stopped")
         rank, code = next(iter(self.ended.items()))
         how = (f"was killed by {signal.Signals(-code).name}" if code < 0 else
                f"exited with code {code}" if code else "ended before the run did")
