@@ -773,8 +773,9 @@ def finish(run, run_start):
     float_bytes, file_bytes = run.group.on_root(write_model_file)
     seconds = time.perf_counter() - run_start
     run.say(runlog.final_report(run.history, cfg, float_bytes, file_bytes, seconds, model_path))
-    if profile.enabled:  # NANOQ4_PROFILE=1: where this process's time went, op by op
-        run.say(f"\nper-op time of this run (NANOQ4_PROFILE=1):\n{profile.table()}")
+    if profile.enabled:  # NANOQ4_PROFILE=1: where this process's time went, op by op (rank 0's of several)
+        whose = "" if run.group.size == 1 else f", on {run.group.member} 0 of {run.group.size}"
+        run.say(f"\nper-op time of this run{whose} (NANOQ4_PROFILE=1):\n{profile.table()}")
     return run.history
 
 
