@@ -16,8 +16,8 @@ Reading order: tensor -> ops -> kernels -> winograd -> quant -> nn -> optim -> d
   export    checkpoints and the .nq4 model file; evaluate, predict, export_onnx use it
 Around them: runlog (the run folder's files and lines), safeguards (what keeps a run from being
 lost), tta (test-time augmentation), parallel (threads), memory (freed memory kept for reuse),
-profile (NANOQ4_PROFILE=1), distributed (the same training on several MPI ranks), cli (what the
-command lines share).
+profile (NANOQ4_PROFILE=1), distributed (the same training on several MPI ranks), workers (... on
+local worker processes, without MPI), cli (what the command lines share).
 
 `nanoq4.train` is the trainer's module, as `python -m nanoq4.train` runs it, and calling it trains
 (`nanoq4.train(cfg)` is `nanoq4.train.train(cfg)`); it and TrainConfig are loaded on first use, so

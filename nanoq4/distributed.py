@@ -137,6 +137,7 @@ class SingleProcess:
     """The group of a run without MPI: rank 0 of 1, where every collective is the identity."""
 
     rank, size, is_root = 0, 1, True
+    workers = 1  # processes training together on this machine that nanoq4 started (workers.py)
 
     def on_root(self, fn, *args, **kwargs):
         return fn(*args, **kwargs)
@@ -160,9 +161,96 @@ class SingleProcess:
         pass
 
 
-class MPIGroup:
+class Group:
+    """What every group of several processes offers the trainer, built on the collectives each
+    group provides: on arrays of the same shape and dtype on every process `sum` and `max`
+    (elementwise, in place, the same bits on every process) and `allgather` (-> one row per
+    process); on pickled objects `broadcast_object` (rank 0's) and `allgather_objects`; and
+    `turns()`, the order of in_turns. MPIGroup runs them as MPI collectives, workers.LocalGroup
+    through shared memory and pipes."""
+
+    member = "rank"  # what the messages call one process of the group
+
+    def on_root(self, fn, *args, **kwargs):
+        """fn(...) on rank 0 only; its result, or its NanoQ4Error, on every process."""
+        outcome = None
+        if self.is_root:
+            try:
+                outcome = ("ok", fn(*args, **kwargs))
+            except NanoQ4Error as e:
+                outcome = ("error", str(e))
+        kind, value = self.broadcast_object(outcome)
+        if kind == "error":
+            raise NanoQ4Error(value)
+        return value
+
+    def in_turns(self, fn):
+        """fn() on every process, in the group's turns (first on rank 0). A NanoQ4Error on any
+        process is raised on every process (the first one, naming its process)."""
+        result = None
+        for mine in self.turns():
+            error = None
+            if mine:
+                try:
+                    result = fn()
+                except NanoQ4Error as e:
+                    error = str(e) if self.is_root else f"{self.member} {self.rank}: {e}"
+            failed = [e for e in self.allgather_objects(error) if e]
+            if failed:
+                raise NanoQ4Error(failed[0])
+        return result
+
+    def stop_signal(self, stop):
+        """The signal (Ctrl-C, SIGTERM) that any process received, or None: all stop at the same
+        batch boundary. One int, cheap beside the gradients."""
+        flag = np.array([stop.signum if stop.requested else 0], dtype=np.int32)
+        return int(self.max(flag)[0]) or None
+
+    def gradient_sum(self, params, buffers):
+        return GradientSum(params, buffers, self.sum)
+
+    def sum_statistics(self, sums, count):
+        """Per-channel sums (float64) and the value count summed over the processes: synchronized
+        batch norm (nn's BatchNorm `sync`)."""
+        flat = np.empty(sums.size + 1, dtype=np.float64)
+        flat[:-1] = sums.ravel()
+        flat[-1] = count
+        self.sum(flat)
+        return flat[:-1].reshape(sums.shape), int(flat[-1])
+
+    def sync_batch_norm(self, model):
+        """Make every batch-norm layer of `model` use the statistics of the global batch."""
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.sync = self.sum_statistics
+
+    def average(self, arrays):
+        """Each array replaced in place by its mean over the processes (re-estimated per-process
+        batch-norm statistics), summed in float64 by one collective."""
+        flat = np.concatenate([a.ravel() for a in arrays]).astype(np.float64)
+        self.sum(flat)
+        flat /= self.size
+        start = 0
+        for a in arrays:
+            a[...] = flat[start:start + a.size].reshape(a.shape)
+            start += a.size
+
+    def check_same(self, arrays, when, hint):
+        """Stop the run (on every process) when the processes' weights and optimizer states are not
+        bit-identical: a cheap checksum, compared across them."""
+        every = self.allgather(np.array([state_checksum(arrays)], dtype=np.int64))[:, 0]
+        if np.any(every != every[0]):
+            differ = [r for r in range(self.size) if every[r] != every[0]]
+            raise NanoQ4Error(f"the {self.member}s diverged {when}: the weights or optimizer state of "
+                              f"{self.member}(s) {', '.join(map(str, differ))} differ from {self.member} 0's "
+                              f"(checksums {every[0]:08x} vs {every[differ[0]]:08x}); {hint}")
+
+
+class MPIGroup(Group):
     """All ranks of an mpiexec launch (MPI.COMM_WORLD). Collectives on buffers use mpi4py's
     uppercase methods (no pickling); pickled objects cross only at setup and at checkpoints."""
+
+    workers = 1  # nanoq4 starts no local worker processes under mpiexec: it started the ranks
 
     def __init__(self, comm, mpi):
         self.comm, self.mpi = comm, mpi
@@ -173,36 +261,17 @@ class MPIGroup:
 
     # ------------------------------------------------------------------ setup and checkpoints
 
-    def on_root(self, fn, *args, **kwargs):
-        """fn(...) on rank 0 only; its result, or its NanoQ4Error, on every rank."""
-        outcome = None
-        if self.is_root:
-            try:
-                outcome = ("ok", fn(*args, **kwargs))
-            except NanoQ4Error as e:
-                outcome = ("error", str(e))
-        kind, value = self.comm.bcast(outcome, root=0)
-        if kind == "error":
-            raise NanoQ4Error(value)
-        return value
+    def broadcast_object(self, value):
+        return self.comm.bcast(value, root=0)
 
-    def in_turns(self, fn):
-        """fn() on every rank: first on rank 0, then on the first rank of each other machine, then on
-        the rest, so a download into a folder that several ranks share happens once. A NanoQ4Error
-        on any rank is raised on every rank (the first one, naming its rank)."""
+    def allgather_objects(self, value):
+        return self.comm.allgather(value)
+
+    def turns(self):
+        """in_turns: rank 0, then the first rank of each other machine, then the rest, so a download
+        into a folder that several ranks share happens once."""
         first_here = self.machine.Get_rank() == 0
-        result = None
-        for mine in (self.is_root, first_here and not self.is_root, not first_here):
-            error = None
-            if mine:
-                try:
-                    result = fn()
-                except NanoQ4Error as e:
-                    error = str(e) if self.is_root else f"rank {self.rank}: {e}"
-            failed = [e for e in self.comm.allgather(error) if e]
-            if failed:
-                raise NanoQ4Error(failed[0])
-        return result
+        return self.is_root, first_here and not self.is_root, not first_here
 
     def default_threads(self):
         """Each rank's share of its machine's cores (all of a rank's cores when the launcher bound
@@ -224,60 +293,21 @@ class MPIGroup:
         """[value of rank 0, rank 1, ...] on rank 0, None elsewhere (pickled: checkpoints only)."""
         return self.comm.gather(value, root=0)
 
-    def check_same(self, arrays, when, hint):
-        """Stop the run (on every rank) when the ranks' weights and optimizer states are not
-        bit-identical: a cheap checksum, compared across ranks."""
-        mine = np.array([state_checksum(arrays)], dtype=np.int64)
-        every = np.empty(self.size, dtype=np.int64)
-        self.comm.Allgather(mine, every)
-        if np.any(every != every[0]):
-            differ = [r for r in range(self.size) if every[r] != every[0]]
-            raise NanoQ4Error(f"the ranks diverged {when}: the weights or optimizer state of rank(s) "
-                              f"{', '.join(map(str, differ))} differ from rank 0's (checksums "
-                              f"{every[0]:08x} vs {every[differ[0]]:08x}); {hint}")
-
-    # ------------------------------------------------------------------ every step
-
-    def stop_signal(self, stop):
-        """The signal (Ctrl-C, SIGTERM) that any rank received, or None: all ranks stop at the
-        same batch boundary. One int, cheap beside the gradients."""
-        flag = np.array([stop.signum if stop.requested else 0], dtype=np.int32)
-        self.comm.Allreduce(self.mpi.IN_PLACE, flag, op=self.mpi.MAX)
-        return int(flag[0]) or None
-
-    def gradient_sum(self, params, buffers):
-        return GradientSum(self.comm, self.mpi, params, buffers)
-
-    def sum_statistics(self, sums, count):
-        """Per-channel sums (float64) and the value count summed over the ranks: synchronized
-        batch norm (nn's BatchNorm `sync`)."""
-        flat = np.empty(sums.size + 1, dtype=np.float64)
-        flat[:-1] = sums.ravel()
-        flat[-1] = count
-        self.comm.Allreduce(self.mpi.IN_PLACE, flat, op=self.mpi.SUM)
-        return flat[:-1].reshape(sums.shape), int(flat[-1])
-
-    def sync_batch_norm(self, model):
-        """Make every batch-norm layer of `model` use the statistics of the global batch."""
-        for module in model.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                module.sync = self.sum_statistics
+    # ------------------------------------------------------------------ the collectives of Group
 
     def sum(self, values):
-        """Elementwise sum over the ranks of a float64 array, in place (evaluation totals)."""
+        """Elementwise sum over the ranks, in place (gradients, statistics, evaluation totals)."""
         self.comm.Allreduce(self.mpi.IN_PLACE, values, op=self.mpi.SUM)
         return values
 
-    def average(self, arrays):
-        """Each array replaced in place by its mean over the ranks (re-estimated per-rank batch-norm
-        statistics), summed in float64 by one Allreduce."""
-        flat = np.concatenate([a.ravel() for a in arrays]).astype(np.float64)
-        self.comm.Allreduce(self.mpi.IN_PLACE, flat, op=self.mpi.SUM)
-        flat /= self.size
-        start = 0
-        for a in arrays:
-            a[...] = flat[start:start + a.size].reshape(a.shape)
-            start += a.size
+    def max(self, values):
+        self.comm.Allreduce(self.mpi.IN_PLACE, values, op=self.mpi.MAX)
+        return values
+
+    def allgather(self, values):
+        every = np.empty((self.size,) + values.shape, dtype=values.dtype)
+        self.comm.Allgather(values, every)
+        return every
 
     # ------------------------------------------------------------------ the end of a run
 
@@ -320,14 +350,15 @@ class MPIGroup:
 
 
 class GradientSum:
-    """The one Allreduce of a training step, on a flat float32 buffer allocated once: every
-    parameter's gradient, then (local batch norm) the running statistics times this rank's share,
-    then the share-weighted loss and the correct count. Each rank backpropagated its share of the
-    global batch's mean loss, so the sum is the global batch's gradient; afterwards each
-    parameter's .grad is a view into the buffer, and the buffers hold the weighted mean."""
+    """The one sum over the processes of a training step, on a flat float32 buffer allocated once:
+    every parameter's gradient, then (per-process batch norm) the running statistics times this
+    process's share, then the share-weighted loss and the correct count. Each process backpropagated
+    its share of the global batch's mean loss, so the sum is the global batch's gradient; afterwards
+    each parameter's .grad is a view into the buffer, and the buffers hold the weighted mean.
+    `sum_in_place(flat)`: the group's sum (an MPI Allreduce, or workers.LocalGroup's)."""
 
-    def __init__(self, comm, mpi, params, buffers):
-        self.comm, self.mpi = comm, mpi
+    def __init__(self, params, buffers, sum_in_place):
+        self.sum_in_place = sum_in_place
         self.params, self.buffers = list(params), list(buffers)
         sizes = [p.size for p in self.params] + [b.size for b in self.buffers]
         self.flat = np.empty(sum(sizes) + 2, dtype=np.float32)
@@ -336,7 +367,7 @@ class GradientSum:
         self.param_views, self.buffer_views = views[:len(self.params)], views[len(self.params):]
 
     def __call__(self, loss, correct, share):
-        """(this rank's mean loss, correct count, share n_r/n) -> (global mean loss, correct count)."""
+        """(this process's mean loss, correct count, share n_r/n) -> (global mean loss, correct count)."""
         for p, view in zip(self.params, self.param_views):
             if p.grad is None:
                 view.fill(0)
@@ -345,7 +376,7 @@ class GradientSum:
         for b, view in zip(self.buffers, self.buffer_views):
             np.multiply(b.reshape(-1), share, out=view)
         self.flat[-2:] = (loss * share, correct)
-        self.comm.Allreduce(self.mpi.IN_PLACE, self.flat, op=self.mpi.SUM)
+        self.sum_in_place(self.flat)
         for p, view in zip(self.params, self.param_views):
             if p.grad is not None:
                 p.grad = view.reshape(p.shape)

@@ -237,7 +237,7 @@ class _BatchNorm(Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, relu=False):
         """relu=True fuses the ReLU that follows batch norm into the same kernel pass. `sync`:
         None (the statistics of this process's batch) or, in data-parallel training with
-        --sync-bn, a function summing them over the ranks (distributed.MPIGroup.sync_batch_norm)."""
+        --sync-bn, a function summing them over the processes (distributed.Group.sync_batch_norm)."""
         self.eps, self.momentum, self.relu = eps, momentum, relu
         self.sync = None
         self.weight = Parameter(np.ones(num_features))

@@ -36,6 +36,7 @@ NUMERIC_DOMAINS = (
     ("lookahead_decay", False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
     ("bn_momentum", False, False, lambda v: 0 < v <= 1, "in (0, 1]"),
     ("threads", True, True, lambda v: 1 <= v <= available_cores(), "from 1 to {cores} (the cores available)"),
+    ("workers", True, True, lambda v: v >= 1, ">= 1 (1: one process)"),
     ("max_steps_per_epoch", True, True, lambda v: v >= 1, ">= 1"),
     ("divergence_factor", False, False, lambda v: v == 0 or v > 1, "0 (no divergence stop) or > 1"),
 )

@@ -19,9 +19,10 @@ weights, optimizer state and metrics are finite; a diverging run stops and keeps
 checkpoint; --resume continues with the checkpoint's own settings and refuses differing ones
 unless --allow-changes says so.
 
-Several machines: `mpiexec -n N python -m nanoq4.train ...` runs the same loop on N ranks, each on
-its shard of the global batch, with one gradient Allreduce per step (distributed.py). Rank 0
-alone prints and writes files; without mpiexec nothing of this runs.
+Several processes: at a batch of 128 or more the run trains on N local worker processes (--workers N,
+workers.py), each on its share of every batch, and `mpiexec -n N python -m nanoq4.train ...` runs the
+same loop on N ranks on one machine or many (distributed.py); one sum of the gradients per step. Rank 0
+alone prints and writes files; with --workers 1 and without mpiexec nothing of this runs.
 """
 import argparse
 import dataclasses
@@ -54,7 +55,7 @@ RESUME_KEYS = ("dataset", "model", "bits", "per_channel", "fp32", "coarse", "bat
                "optimizer", "dropout", "max_steps_per_epoch")
 FIXED_WITHIN_A_RUN = ", ".join(safeguards.flag_name(k) for k in RESUME_KEYS if k != "max_steps_per_epoch")
 RESUME_FREE = ("data_dir", "download", "progress", "divergence_factor", "tta")
-RUN_ENVIRONMENT = ("out", "resume", "threads", "overwrite", "allow_changes")
+RUN_ENVIRONMENT = ("out", "resume", "threads", "workers", "overwrite", "allow_changes")
 # Settings that checkpoints written before they existed (or before a default changed) were trained
 # with: such a checkpoint's config lacks "dropout", and its lr None meant the old sgd default.
 LEGACY_SETTINGS = dict(dropout=0.5, tta="none")
@@ -64,6 +65,19 @@ ADDED_SETTINGS = dict(flip="random", bn_reestimate=0, lookahead=0, lookahead_dec
 
 
 # ----------------------------------------------------------------------------- the settings
+
+# --workers by default: one process per core, as long as each gets this many images of a batch (fewer
+# leave a single-threaded process too little work per layer to gain from running beside the others).
+WORKER_MIN_IMAGES = 64
+
+
+def auto_workers(batch_size):
+    """The default number of local worker processes: one per available core, at most one per
+    WORKER_MIN_IMAGES images of the batch, lowered until it divides the batch; at least 1."""
+    count = max(1, min(safeguards.available_cores(), batch_size // WORKER_MIN_IMAGES))
+    while batch_size % count:
+        count -= 1
+    return count
 
 # Passes over the training set when --epochs is not given, per dataset (any other: EPOCHS_DEFAULT).
 # CIFAR-10: 24 epochs end at 93.08% with TTA (13: 91.43%; 16: 91.76%), above the paper's 92.34%.
@@ -160,9 +174,15 @@ class TrainConfig:
                                             f"chance level {safeguards.CHANCE_MIN_STEPS} steps after the warm-up; "
                                             f"0: never")
     threads: int = setting(None, "CPU threads for Numba and BLAS, 1 to the number of cores (default: all cores; "
-                                 "under mpiexec, per rank: the machine's cores divided among its ranks)")
-    sync_bn: bool = setting(False, "under mpiexec: batch-norm statistics over the global batch (N ranks then "
-                                   "compute what one process computes); default: each rank's own, as PyTorch DDP")
+                                 "with --workers or under mpiexec, per process: the machine's cores divided among "
+                                 "its processes)")
+    workers: int = setting(None, "processes that train together on this machine, each on an equal share of every "
+                                 "batch with its share of the cores (data-parallel, as mpiexec -n N, without MPI); "
+                                 f"default: one per core while each gets at least {WORKER_MIN_IMAGES} images, as "
+                                 "many as divide --batch-size (1 under mpiexec); 1: one process")
+    sync_bn: bool = setting(None, "batch-norm statistics over the global batch, summed over the processes (N "
+                                  "processes then compute what one computes); --no-sync-bn: each process's own, "
+                                  "as PyTorch DDP. Default: on with --workers, off under mpiexec", both=True)
     progress: bool = setting(True, "no progress bar")
     max_steps_per_epoch: int = setting(None, "for smoke tests: cut each epoch short", hidden=True)
 
@@ -171,6 +191,17 @@ class TrainConfig:
 
     def resolved_epochs(self):
         return self.epochs if self.epochs is not None else default_epochs(self.dataset)
+
+    def resolved_workers(self):
+        """The local worker processes this run asks for: --workers, else auto_workers (1 under mpiexec)."""
+        if self.workers is not None:
+            return self.workers
+        return 1 if distributed.launched_by_mpiexec() else auto_workers(self.batch_size)
+
+    def resolved_sync_bn(self):
+        """--sync-bn, else on (local workers then compute what one process computes) except under
+        mpiexec, where each rank keeps its own statistics, as PyTorch DDP."""
+        return self.sync_bn if self.sync_bn is not None else not distributed.launched_by_mpiexec()
 
 
 PAPER_RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=5e-4, grad_clip=0.5, tanh_alpha=3.0,
@@ -199,6 +230,25 @@ def validate(cfg):
             raise NanoQ4Error(f"{safeguards.flag_name(name)} must be a path, got {value!r}")
     if cfg.out is not None and not str(cfg.out).strip():
         raise NanoQ4Error("--out is empty; name the run folder (or leave --out out for a new one under runs/)")
+    check_workers(cfg.workers, cfg.batch_size)
+
+
+def check_workers(workers, batch_size):
+    """Refuse a --workers count that cannot split --batch-size (each worker takes an equal share of
+    at least 2 images) or that comes under mpiexec, as one line naming the fix."""
+    if workers is None or workers == 1:
+        return
+    if distributed.launched_by_mpiexec():
+        raise NanoQ4Error(f"--workers {workers} under mpiexec: mpiexec -n starts the processes; leave --workers out")
+    if workers > batch_size // 2:
+        raise NanoQ4Error(f"--workers {workers} leaves some worker fewer than 2 images of --batch-size {batch_size} "
+                          f"(batch norm needs 2); choose --workers {batch_size // 2} or fewer")
+    if batch_size % workers:
+        fewer = max(w for w in range(1, workers) if batch_size % w == 0)
+        more = [w for w in range(workers + 1, batch_size // 2 + 1) if batch_size % w == 0]
+        choices = f"--workers {fewer}" + (f" or {more[0]}" if more else "")
+        raise NanoQ4Error(f"--workers {workers} does not divide --batch-size {batch_size} into equal shares; choose "
+                          f"{choices}, or a --batch-size that is a multiple of {workers}")
 
 
 def resumed_config(cfg, saved, given=None):
@@ -209,6 +259,8 @@ def resumed_config(cfg, saved, given=None):
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     given = set(names if given is None else given)
     saved = {**ADDED_SETTINGS, **saved}
+    if "workers" not in saved and not saved.get("sync_bn"):  # written before --workers: off meant the default
+        saved = {**saved, "sync_bn": None}
     if "dropout" not in saved:  # written before this setting existed: the values it trained with
         saved = {**LEGACY_SETTINGS, **saved}
         if saved.get("lr") is None and saved.get("optimizer", "sgd") == "sgd":
@@ -218,7 +270,8 @@ def resumed_config(cfg, saved, given=None):
     old = dataclasses.replace(new, **{k: saved[k] for k in known})
 
     def setting(c, k):
-        return c.resolved_lr() if k == "lr" else c.resolved_epochs() if k == "epochs" else getattr(c, k)
+        resolved = dict(lr=c.resolved_lr, epochs=c.resolved_epochs, sync_bn=c.resolved_sync_bn).get(k)
+        return resolved() if resolved else getattr(c, k)
 
     differ = {k: (setting(old, k), setting(new, k)) for k in known
               if k in given and k not in RESUME_FREE and setting(old, k) != setting(new, k)}
@@ -310,7 +363,7 @@ class Run:
     """What train() works with, built by setup(), and the checks and checkpoint writes that need it."""
 
     cfg: TrainConfig                     # the settings the run goes with (resumed ones included)
-    group: object                        # distributed.SingleProcess, or the MPI ranks under mpiexec
+    group: object                        # distributed.SingleProcess, workers.LocalGroup or distributed.MPIGroup
     say: object                          # print a line (rank 0), or nothing (the other ranks)
     dataset: data.Dataset
     model: nn.Module
@@ -422,18 +475,20 @@ def settle_config(cfg, given, group):
         checkpoint = group.on_root(_read_checkpoint, cfg.resume)  # read by rank 0, handed to every rank
         cfg, changes = resumed_config(cfg, checkpoint["config"], given)
     validate(cfg)  # on resume, what came from the checkpoint must fit today's domains too
+    cfg.lr, cfg.epochs, cfg.sync_bn = cfg.resolved_lr(), cfg.resolved_epochs(), cfg.resolved_sync_bn()
     distributed.check_batch_split(cfg.batch_size, group.size, cfg.sync_bn)
-    cfg.lr, cfg.epochs = cfg.resolved_lr(), cfg.resolved_epochs()
     return cfg, checkpoint, changes
 
 
-def setup(cfg, given, group):
-    """Everything before the first step -> Run: the settings, the run folder (checked, made only once
-    nothing can be refused any more), threads, data, model, optimizer, loader, schedule, divergence
-    watch; with a checkpoint, the state it holds. Under mpiexec rank 0's model goes to every rank."""
+def setup(cfg, given, group, settled=None):
+    """Everything before the first step -> Run: the settings (`settled`: what settle_config returned
+    already), the run folder (checked, made only once nothing can be refused any more), threads, data,
+    model, optimizer, loader, schedule, divergence watch; with a checkpoint, the state it holds. With
+    several processes rank 0's model goes to every one."""
     run = Run()
     run.group, run.say = group, runlog.log if group.is_root else runlog.silent
-    cfg, checkpoint, changes = settle_config(cfg, given, group)
+    cfg, checkpoint, changes = settled or settle_config(cfg, given, group)
+    cfg.workers = group.workers  # the processes that train (saved: a resumed run may choose others)
     out, replacing = group.on_root(_choose_run_folder, cfg)
     parallel.set_threads(cfg.threads or group.default_threads())
     memory.keep_freed_memory()  # each step reuses the last one's memory (memory.py says why)
@@ -482,7 +537,7 @@ def setup(cfg, given, group):
     run.out, run.ckpt_path, run.metrics_path = out, out / "checkpoint.ckpt", out / "metrics.jsonl"
     run.last_good = cfg.resume  # a checkpoint that really resumes this run (None: none yet)
     run.changes = changes
-    run.command = "python -m nanoq4.train" if group.size == 1 else f"mpiexec -n {group.size} python -m nanoq4.train"
+    run.command = resume_command(cfg, group)
     if checkpoint is not None:
         run.say(f"resumed {cfg.resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
         if changes:
@@ -494,6 +549,15 @@ def setup(cfg, given, group):
         group.on_root(runlog.write_metrics, run.metrics_path, cfg, run.history)
         grid_summary(model, cfg, run.prev_codes)  # flip rates of epoch 1 are relative to the initial weights
     return run
+
+
+def resume_command(cfg, group):
+    """How to continue this run (--resume then says from where): under mpiexec with as many ranks,
+    else with --workers when this run's number of workers is not the default one."""
+    if isinstance(group, distributed.MPIGroup):
+        return f"mpiexec -n {group.size} python -m nanoq4.train"
+    default = group.workers == auto_workers(cfg.batch_size)
+    return "python -m nanoq4.train" + ("" if default else f" --workers {group.workers}")
 
 
 def _resume_state(run, checkpoint):
@@ -517,8 +581,8 @@ def announce(run):
     """The run's first line: model, data, schedule, ranks, output folder."""
     cfg, group = run.cfg, run.group
     ranks = "" if group.size == 1 else (
-        f"; {group.size} ranks of {cfg.batch_size // group.size} images and {numba.get_num_threads()} thread(s) "
-        f"each, {'global' if cfg.sync_bn else 'per-rank'} batch-norm statistics")
+        f"; {group.size} {group.member}s of {cfg.batch_size // group.size} images and {numba.get_num_threads()} "
+        f"thread(s) each, {'global' if cfg.sync_bn else f'per-{group.member}'} batch-norm statistics")
     run.say(f"nanoq4: {cfg.model} ({run.model.num_parameters():,} parameters, "
             f"{'float32' if cfg.fp32 else f'{cfg.bits}-bit weights'}) on {run.dataset.name}: "
             f"{len(run.dataset.y_train):,} train / {len(run.dataset.y_test):,} test images, {cfg.epochs} epochs of "
@@ -538,10 +602,20 @@ def train(cfg, given=None, group=None):
     CLI passes the flags typed; None: all) come from the checkpoint's config, given ones that
     differ from it are refused unless cfg.allow_changes (see resumed_config).
 
-    Under mpiexec (`group`: distributed.world() unless given) every rank runs this on its shard of
-    each global batch (distributed.py); all return the history, rank 0 alone prints and writes."""
-    group = group or distributed.world()
-    run = setup(cfg, given, group)
+    Without a `group`, this process's (distributed.world()): under mpiexec every rank runs this on
+    its shard of each global batch (distributed.py); else, when cfg asks for several --workers, this
+    process starts the others and trains as their rank 0 (workers.py; from a script, call it under
+    `if __name__ == "__main__":`, as multiprocessing's spawn needs). All return the history, rank 0
+    alone prints and writes."""
+    settled = None
+    if group is None:
+        group = distributed.world()
+        settled = settle_config(cfg, given, group)
+        workers = settled[0].resolved_workers()
+        if workers > 1:
+            from . import workers as local  # multiprocessing only when there is something to start
+            return local.run_on_workers(workers, train, cfg, given)
+    run = setup(cfg, given, group, settled)
     cfg, model, opt, loader = run.cfg, run.model, run.opt, run.loader
     announce(run)
     run_start = time.perf_counter()
@@ -700,8 +774,9 @@ def finish(run, run_start):
     float_bytes, file_bytes = run.group.on_root(write_model_file)
     seconds = time.perf_counter() - run_start
     run.say(runlog.final_report(run.history, cfg, float_bytes, file_bytes, seconds, model_path))
-    if profile.enabled:  # NANOQ4_PROFILE=1: where this process's time went, op by op
-        run.say(f"\nper-op time of this run (NANOQ4_PROFILE=1):\n{profile.table()}")
+    if profile.enabled:  # NANOQ4_PROFILE=1: where this process's time went, op by op (rank 0's of several)
+        whose = "" if run.group.size == 1 else f", on {run.group.member} 0 of {run.group.size}"
+        run.say(f"\nper-op time of this run{whose} (NANOQ4_PROFILE=1):\n{profile.table()}")
     return run.history
 
 

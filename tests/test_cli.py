@@ -30,7 +30,7 @@ DOCUMENTED_FLAGS = ["--dataset", "--model", "--epochs", "--batch-size", "--optim
                     "--label-smoothing", "--seed", "--data-dir", "--out", "--resume", "--threads", "--dropout",
                     "--tta", "--per-channel", "--no-per-channel", "--overwrite", "--allow-changes",
                     "--divergence-factor", "--flip", "--bn-reestimate", "--lookahead", "--lookahead-decay",
-                    "--bn-momentum"]
+                    "--bn-momentum", "--workers", "--sync-bn", "--no-sync-bn"]
 
 
 def run_cli(entry, argv, capsys):

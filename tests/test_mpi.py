@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -233,9 +232,15 @@ def stopped_run(mpiexec, tmp_path_factory):
 
 def test_a_signal_to_one_rank_stops_all_at_the_same_batch_with_one_checkpoint(stopped_run):
     folder, result = stopped_run
+    assert_stopped_before_step_4(folder, result, "mpiexec -n 2 python -m nanoq4.train")
+
+
+def assert_stopped_before_step_4(folder, result, command):
+    """A BASE run in `folder` stopped by SIGTERM after 3 steps: exit 143, one checkpoint saved before the
+    4th step (epoch 2, step 2) and the line that says how to continue with `command`."""
     assert result.returncode == 143, report(result)
     assert result.stdout.count("interrupted: saved") == 1, result.stdout
-    assert "continue with: mpiexec -n 2 python -m nanoq4.train --resume run/checkpoint.ckpt" in result.stdout
+    assert f"continue with: {command} --resume run/checkpoint.ckpt" in result.stdout
     ckpt = export.load_checkpoint(folder / "run" / "checkpoint.ckpt")
     assert (ckpt["epoch"], ckpt["batch"]) == (1, 1), "saved before the 4th step (epoch 2, step 2)"
     assert files_in(folder) == ["run"]
@@ -247,13 +252,17 @@ def test_resume_under_2_ranks_equals_the_uninterrupted_run(stopped_run, local_bn
     result = run_ranks(mpiexec, folder, ["--resume", "run/checkpoint.ckpt"])
     assert result.returncode == 0, report(result)
     assert "resumed run/checkpoint.ckpt at epoch 2, batch 1" in result.stdout
-    reference = local_bn_run[0] / "run"
-    got, want = (export.load_checkpoint(f / "checkpoint.ckpt") for f in (folder / "run", reference))
+    assert_same_run(folder / "run", local_bn_run[0] / "run")
+
+
+def assert_same_run(resumed, reference):
+    """The run folder `resumed` ends as `reference` did: the same weights, history and model file."""
+    got, want = (export.load_checkpoint(f / "checkpoint.ckpt") for f in (resumed, reference))
     differing = [k for k in want["model"] if not np.array_equal(got["model"][k], want["model"][k])]
     assert not differing, f"weights differ from the uninterrupted run: {differing}"
     assert without_timing(got["history"]) == without_timing(want["history"])
-    assert (folder / "run" / "model.nq4").read_bytes() == (reference / "model.nq4").read_bytes()
-    assert files_in(folder / "run") == sorted(["checkpoint.ckpt", "metrics.jsonl", "model.nq4"] + CURVES)
+    assert (resumed / "model.nq4").read_bytes() == (reference / "model.nq4").read_bytes()
+    assert files_in(resumed) == sorted(["checkpoint.ckpt", "metrics.jsonl", "model.nq4"] + CURVES)
 
 
 def test_ranks_whose_weights_diverge_stop_the_run(mpiexec, tmp_path):
@@ -409,14 +418,12 @@ def test_synchronized_batch_norm_forward_normalizes_with_the_global_statistics()
 
 
 def test_gradient_sum_packs_every_gradient_and_reads_the_sum_back():
-    """With an Allreduce that doubles the buffer (two ranks holding the same values), every gradient
+    """With a sum that doubles the buffer (two ranks holding the same values), every gradient
     comes back doubled at its own place, the statistics and loss weighted by the share."""
-    doubling = SimpleNamespace(Allreduce=lambda _, buffer, op: buffer.__imul__(2))
-    mpi = SimpleNamespace(IN_PLACE=None, SUM=None)
     params = [nn.Parameter(np.arange(6.0).reshape(2, 3)), nn.Parameter(np.ones(4)), nn.Parameter(np.zeros(2))]
     params[0].grad, params[1].grad = np.full((2, 3), 0.5, np.float32), np.arange(4, dtype=np.float32)
     buffer = np.array([1.0, 3.0], np.float32)
-    loss, correct = distributed.GradientSum(doubling, mpi, params, [buffer])(2.0, 7, 0.25)
+    loss, correct = distributed.GradientSum(params, [buffer], lambda flat: flat.__imul__(2))(2.0, 7, 0.25)
     np.testing.assert_array_equal(params[0].grad, np.ones((2, 3)))
     np.testing.assert_array_equal(params[1].grad, 2 * np.arange(4))
     assert params[2].grad is None, "a parameter without a gradient keeps none"
