@@ -32,9 +32,10 @@ import time
 import traceback
 from multiprocessing import connection, shared_memory
 
+import numba
 import numpy as np
 
-from . import cli, distributed
+from . import cli, distributed, parallel
 from .errors import NanoQ4Error
 from .safeguards import available_cores
 
@@ -309,9 +310,14 @@ def run_on_workers(size, target, *args):
     """target(*args, group) on `size` processes of this machine: here as rank 0, and on size-1 worker
     processes started for it -> rank 0's result (or its error). `target` must be importable by name
     (spawn pickles it so): train.train, whose arguments are (cfg, given). Every worker has ended when
-    this returns."""
+    this returns. The caller's thread count (which rank 0 lowers to its share of the cores) is
+    restored afterwards, so a library caller's later work runs on all its threads again."""
+    threads = numba.get_num_threads()
     group = LocalGroup.start(size, target, args)
-    return group.run_together(lambda: target(*args, group))
+    try:
+        return group.run_together(lambda: target(*args, group))
+    finally:
+        parallel.set_threads(threads)
 
 
 def _exit_without_rank_0(parent):

@@ -311,3 +311,15 @@ def test_a_checkpoint_from_before_workers_resumes_with_global_statistics_on_work
     assert cfg.resolved_sync_bn() is True
     cfg, _ = train_module.resumed_config(TrainConfig(resume="new.ckpt"), saved, given={"resume"})
     assert cfg.resolved_sync_bn() is False, "a run saved with --no-sync-bn keeps it"
+
+
+def test_a_run_on_workers_gives_the_caller_its_threads_back(tmp_path):
+    """Rank 0 trains with its share of the cores (1 of 2); the calling process gets its thread count
+    back (a later Winograd layer in the same process would otherwise run on one thread)."""
+    import numba
+    from nanoq4 import parallel
+    parallel.set_threads(2)
+    before = numba.get_num_threads()
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(TrainConfig(**BASE, workers=2, out=str(tmp_path / "run")))
+    assert numba.get_num_threads() == before
