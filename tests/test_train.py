@@ -664,19 +664,19 @@ def settled(values, given):
 
 
 @pytest.mark.parametrize("argv, epochs", [
-    ([], 24), (["--dataset", "cifar10"], 24), (["--dataset", "cifar100"], 18), (["--dataset", "cifar100", "--coarse"], 18),
+    ([], 22), (["--dataset", "cifar10"], 22), (["--dataset", "cifar100"], 18), (["--dataset", "cifar100", "--coarse"], 18),
     (["--dataset", "synthetic"], 13), (["--dataset", "cifar10", "--epochs", "5"], 5),
     (["--dataset", "cifar100", "--epochs", "5"], 5), (["--dataset", "cifar100", "--recipe", "paper"], 150),
 ])
 def test_without_epochs_a_run_trains_for_its_datasets_default(argv, epochs):
-    """24 epochs on CIFAR-10, 18 on CIFAR-100, 13 elsewhere (README: Results); --epochs and
+    """22 epochs on CIFAR-10, 18 on CIFAR-100, 13 elsewhere (README: Results); --epochs and
     --recipe paper's 150 always win. Settled into an int before any work starts."""
     values = train_module.flag_values(argv)
     cfg = settled(values, values)
     assert cfg.epochs == epochs and type(cfg.epochs) is int, f"{argv}: {cfg.epochs!r} epochs, expected {epochs}"
 
 
-@pytest.mark.parametrize("dataset, epochs", [("cifar10", 24), ("cifar100", 18)])
+@pytest.mark.parametrize("dataset, epochs", [("cifar10", 22), ("cifar100", 18)])
 def test_library_config_without_epochs_trains_for_its_datasets_default(dataset, epochs):
     """nanoq4.train(TrainConfig(dataset=...)): the config's None resolves as on the command line, and
     the schedule (built from a config not yet settled, as docs/make_figures.py does) lasts as long."""
