@@ -22,76 +22,28 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
-from nanoq4 import cli, distributed, models, nn, ops, parallel, safeguards
+from nanoq4 import cli, distributed, models, safeguards
 from nanoq4 import train as train_module
-from nanoq4.tensor import Tensor
+from trainer_step import TrainerStep, median_seconds  # this folder's: the trainer's step, set up as train.setup does
 
 RESULT = "RESULT "  # the line a worker's rank 0 prints its measurements on
-
-
-def median_seconds(fn, repeats, barrier=None):
-    times = []
-    for _ in range(repeats):
-        if barrier:
-            barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def worker(batch, steps, threads, sync_bn):
     """One configuration: this process (or each rank under mpiexec) times the trainer's step on
     its share of a random batch of `batch` images; rank 0 prints the RESULT line."""
     group = distributed.world()
-    parallel.set_threads(threads)
-    cfg = train_module.TrainConfig(batch_size=batch, sync_bn=sync_bn)
-    nn.manual_seed(cfg.seed)
-    model = models.build_model("vgg4bit", 10, quantize=True, bits=cfg.bits, per_channel=cfg.per_channel,
-                               dropout=cfg.dropout)
-    opt = train_module.make_optimizer(model, cfg)
-    group.broadcast_model(model)
-    share = 1.0 / group.size
-    rng = np.random.default_rng(group.rank)
-    x = rng.standard_normal((batch // group.size, 32, 32, 3), dtype=np.float32)
-    y = rng.integers(0, 10, len(x))
-    gradient_sum, barrier, sum_times = None, None, []
-    if group.size > 1:
-        if sync_bn:
-            group.sync_batch_norm(model)
-        gradient_sum = group.gradient_sum(model.parameters(), [] if sync_bn else [b for _, b in model.named_buffers()])
-        barrier = group.comm.Barrier
-
-    def step():
-        model.train()
-        opt.lr = cfg.resolved_lr()
-        loss = ops.cross_entropy(model(Tensor(x)), y, cfg.label_smoothing)
-        opt.zero_grad()
-        if gradient_sum is None:
-            loss.backward()
-        else:
-            loss.backward(np.float32(share))
-            start = time.perf_counter()
-            gradient_sum(float(loss.data), 0, share)
-            sum_times.append(time.perf_counter() - start)
-        opt.step()
-
-    step(), step()  # Numba compilation or cache load, first-touch of the buffers
-    sum_times.clear()
-    step_s = median_seconds(step, steps, barrier)
-    result = dict(ranks=group.size, threads=threads, batch=batch, step_s=step_s, images_per_s=batch / step_s)
-    if gradient_sum is not None:
+    step = TrainerStep(train_module.TrainConfig(batch_size=batch, sync_bn=sync_bn, threads=threads), group)
+    result = dict(ranks=group.size, threads=threads, batch=batch, **step.time(steps))
+    if step.gradient_sum is not None:
         comm, mpi = group.comm, group.mpi
-        flat = gradient_sum.flat
+        flat = step.gradient_sum.flat
         result.update(
-            sum_in_step_s=float(np.median(sum_times)), buffer_mb=flat.nbytes / 1e6,
-            allreduce_s=median_seconds(lambda: comm.Allreduce(mpi.IN_PLACE, flat, op=mpi.SUM), 20, barrier),
-            pickled_allreduce_s=median_seconds(lambda: comm.allreduce(flat, op=mpi.SUM), 5, barrier))
+            buffer_mb=flat.nbytes / 1e6,
+            allreduce_s=median_seconds(lambda: comm.Allreduce(mpi.IN_PLACE, flat, op=mpi.SUM), 20, step.barrier),
+            pickled_allreduce_s=median_seconds(lambda: comm.allreduce(flat, op=mpi.SUM), 5, step.barrier))
     if group.is_root:
         print(RESULT + json.dumps(result), flush=True)
 

@@ -3,6 +3,7 @@ and the other targets of issue #12 (memory, a shared CPU, start-up time).
 
     python benchmarks/bench_train_step.py [--batch 128] [--steps 10] [--shared-steps 20]
         [--no-torch] [--no-shared-cpu] [--no-startup] [--startup-dataset synthetic]
+        [--workers N | --no-workers] [--sync-bn | --no-sync-bn]
 
 Times forward, backward and optimizer step (fake quantization, AdamW, tanh soft clip) at batch
 128, median over --steps steps after warm-up (Numba compilation is timed separately); prints
@@ -20,6 +21,19 @@ the data-pipeline cost per batch, a per-layer convolution table, then:
               slowest single step. Skipped with --no-shared-cpu.
   eval        throughput (batch 1000, no gradients) of the training model and of the model loaded
               from the exported int4 file.
+  workers     the configuration the trainer runs: N local worker processes (nanoq4/workers.py)
+              at the global batch 2 x --batch (the trainer's default 256 at --batch 128), N as the
+              trainer picks it for that batch (train.auto_workers), or --workers N. Each worker, with
+              its share of the cores, times the trainer's own step (train.train_step: forward,
+              backward of its share of the mean loss, the group's gradient sum through shared
+              memory, optimizer step with the tanh clip) on its share of a random batch, with the
+              trainer's default settings, every timed step after a barrier. Batch norm as the trainer
+              sets it (TrainConfig.resolved_sync_bn: global or per-worker statistics, printed), or as
+              --sync-bn / --no-sync-bn say. Prints the median global step time, images/s, the time
+              per --batch images (step time x batch / global batch, comparable per image with the
+              one-process step) against the one-process step and the bare GEMMs, and the time inside
+              the gradient sum. Skipped with --no-workers or --workers 1, or where the trainer runs
+              one process (one core).
   start-up    the real trainer (`python -m nanoq4.train`, VGG4bit, one step of --startup-dataset,
               default synthetic; cifar10 reads $NANOQ4_DATA) run twice in fresh processes: wall time
               from launch until its first training step has finished, first with an empty Numba
@@ -27,12 +41,14 @@ the data-pipeline cost per batch, a per-layer convolution table, then:
               5 s" target); the difference is the first run's compile time. Skipped with
               --no-startup.
   PyTorch     when torch is importable (and not --no-torch), the same model timed the same way,
-              and the ratios nanoq4/PyTorch.
+              and the ratios nanoq4/PyTorch (the workers' per --batch images).
 
 It ends with a table of issue #12's targets, the measured values and pass/fail (n/a where a part
-was skipped or torch is missing). The full table: `python benchmarks/bench_train_step.py` on an
-otherwise idle machine with torch installed.
+was skipped or torch is missing); the step targets are read twice, for one process and for the
+workers (their time per --batch images). The full table: `python benchmarks/bench_train_step.py`
+on an otherwise idle machine with torch installed.
 """
+import argparse
 import contextlib
 import os
 import resource
@@ -45,12 +61,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_data
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_data, trainer_step
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 import nanoq4  # noqa: E402
 from nanoq4 import cli, export, memory, models, nn, ops, optim, profile  # noqa: E402
+from nanoq4 import train as train_module  # noqa: E402
+from nanoq4.errors import NanoQ4Error  # noqa: E402
 from nanoq4.tensor import Tensor, no_grad  # noqa: E402
+from nanoq4.workers import run_on_workers  # noqa: E402
+from trainer_step import median_seconds, time_on_group  # noqa: E402
 
 # (H=W, Cin, Cout) of the six 3x3 convolutions, then the two linear layers (in, out)
 VGG_CONVS = [(32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256), (8, 256, 256)]
@@ -63,15 +83,6 @@ def step_gflop(batch):
     fwd += sum(2 * batch * fin * fout for fin, fout in VGG_LINEARS)
     first_dx = 2 * batch * 32 * 32 * 64 * 27
     return (3 * fwd - first_dx) / 1e9
-
-
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def gemm_seconds(batch, repeats=3):
@@ -88,7 +99,7 @@ def gemm_seconds(batch, repeats=3):
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
         a @ b
-        total += median_time(lambda: a @ b, repeats)
+        total += median_seconds(lambda: a @ b, repeats)
     return total
 
 
@@ -175,19 +186,70 @@ def bench_nanoq4(batch, steps, shared_steps):
     xe = rng.standard_normal((1000, 32, 32, 3), dtype=np.float32)
     with no_grad():
         model(Tensor(xe))
-        eval_s = median_time(lambda: model(Tensor(xe)), 3)
+        eval_s = median_seconds(lambda: model(Tensor(xe)), 3)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "vgg.nq4"
         arch = dict(model="vgg4bit", num_classes=10, quantize=True, bits=4, per_channel=False)
         export.export_model(model, path, arch, [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3)
         loaded = export.load_model(path)
         loaded.logits(xe)
-        file_eval_s = median_time(lambda: loaded.logits(xe, batch_size=1000), 3)
+        file_eval_s = median_seconds(lambda: loaded.logits(xe, batch_size=1000), 3)
     return dict(step=float(np.median(totals)), parts={k: float(np.median(v)) for k, v in parts.items()},
                 first_step=first, table=table, train_rss=train_rss, eval_s=eval_s, file_eval_s=file_eval_s,
                 idle_images_s=batch * steps / sum(totals), faults=faults,
                 shared_images_s=None if shared is None else batch * len(shared) / sum(shared),
                 shared_worst=None if shared is None else max(shared))
+
+
+def check_worker_count(workers, batch):
+    """Refuse a --workers count that cannot split the global batch (2 x --batch) into equal shares of
+    2 images or more (batch norm needs 2), as the trainer refuses one that cannot split --batch-size."""
+    total = 2 * batch
+    if workers > 1 and (total % workers or total // workers < 2):
+        raise NanoQ4Error(f"--workers {workers} does not split the global batch of {total} images (2 x --batch) "
+                          f"into equal shares of 2 or more; choose a divisor of {total} up to {total // 2}")
+
+
+def bench_workers(batch, steps, workers=None, sync_bn=None, keep_freed_memory=True):
+    """The trainer's local worker processes at the global batch 2 x `batch` (the trainer's default batch
+    at --batch 128): `workers` of them (None: as many as the trainer picks for that batch), each timing
+    the trainer's step on its share after a barrier (trainer_step.py), with batch norm as `sync_bn` says
+    (None: the trainer's default) -> rank 0's measurements and the configuration, or None when the
+    trainer would run one process."""
+    cfg = train_module.TrainConfig(batch_size=2 * batch, workers=workers, sync_bn=sync_bn)
+    count = cfg.resolved_workers()
+    if count == 1:
+        return None
+    measured = run_on_workers(count, time_on_group, cfg, steps, keep_freed_memory)
+    clip = f"gradient-norm clip {cfg.grad_clip:g}" if cfg.grad_clip else "no gradient-norm clip"
+    settings = f"{cfg.optimizer}, {clip}" + (", tanh clip" if cfg.tanh_clip else "")
+    return dict(measured, workers=count, trainers_choice=workers is None, global_batch=cfg.batch_size,
+                sync_bn=cfg.resolved_sync_bn(), sync_bn_default=sync_bn is None, settings=settings,
+                per_batch_s=measured["step_s"] * batch / cfg.batch_size)
+
+
+def workers_label(w):
+    """How the tables name the workers configuration."""
+    if w is None:
+        return "trainer's workers"
+    return f"trainer's {w['workers']} workers" if w["trainers_choice"] else f"--workers {w['workers']}"
+
+
+def workers_report(w, batch, steps, one_process_s, gemm_s):
+    """The workers section's lines: the configuration, the step and its cost per --batch images against the
+    one-process step and the bare GEMMs, the time inside the gradient sum."""
+    statistics = "global" if w["sync_bn"] else "per-worker"
+    whose = "the trainer's default" if w["sync_bn_default"] else "--sync-bn" if w["sync_bn"] else "--no-sync-bn"
+    return [
+        f"local workers ({workers_label(w)}): {w['workers']} processes x {w['global_batch'] // w['workers']} images "
+        f"(global batch {w['global_batch']} = 2 x --batch), {w['threads']} thread(s) each; {statistics} batch-norm "
+        f"statistics ({whose}); the trainer's step with its defaults ({w['settings']})",
+        f"  step (median of {steps}, each after a barrier): {w['step_s']:.3f} s = {w['images_per_s']:.0f} images/s; "
+        f"per {batch} images {w['per_batch_s']:.3f} s = {w['per_batch_s'] / one_process_s:.2f}x the one-process "
+        f"step, {w['per_batch_s'] / gemm_s:.2f}x the bare GEMM time",
+        f"  inside the gradient sum: {w['sum_in_step_s'] * 1e3:.1f} ms per step (copy in, sum through shared memory, "
+        f"waiting for the slower worker)",
+    ]
 
 
 # The real trainer for one step, reporting when that step has finished (and its peak RSS in KiB)
@@ -270,8 +332,8 @@ def conv_layer_table(batch, repeats=3):
             x.grad = w.grad = None
             fwd().backward(grad)
 
-        f = median_time(fwd, repeats)
-        fb = median_time(fwd_bwd, repeats)
+        f = median_seconds(fwd, repeats)
+        fb = median_seconds(fwd_bwd, repeats)
         route = "winograd" if ops.uses_winograd(w.shape, 1, 1) else "im2col+GEMM"
         flop = 2 * batch * h * h * cout * 9 * cin * (3 if cin > 3 else 2)
         rows.append((f"conv{i} {h}x{h} {cin}->{cout}", route, f * 1e3, (fb - f) * 1e3, flop / fb / 1e9))
@@ -330,26 +392,33 @@ def bench_torch(batch, steps):
 
     model.train()
     step(), step()
-    step_s = median_time(step, steps)
+    step_s = median_seconds(step, steps)
     model.eval()
     xe = torch.randn(1000, 3, 32, 32)
     with torch.no_grad():
         model(xe)
-        eval_s = median_time(lambda: model(xe), 3)
+        eval_s = median_seconds(lambda: model(xe), 3)
     return dict(step=step_s, eval_s=eval_s, threads=torch.get_num_threads())
 
 
-def target_rows(gemm_s, r, t, startup):
-    """(target, measured, pass) per issue #12 target; measured None: not measured this run."""
+def target_rows(gemm_s, r, t, startup, w=None):
+    """(target, measured, pass) per issue #12 target; measured None: not measured this run. The step
+    targets are read for one process and for the workers `w` (per --batch images of its global step)."""
     def ratio(a, c):
         return None if a is None or c is None else a / c
 
     shared = ratio(r["shared_images_s"], r["idle_images_s"])
     fault_median = float(np.median(r["faults"]))
+    per_batch_s = w and w["per_batch_s"]
     rows = [
-        ("training step, nanoq4/PyTorch time", "<= 0.5", ratio(r["step"], t and t["step"]), "{:.2f}",
+        ("training step, 1 process, nanoq4/PyTorch time", "<= 0.5", ratio(r["step"], t and t["step"]), "{:.2f}",
          lambda v: v <= 0.5),
-        ("training step / bare im2col GEMM time", "<= 0.7", r["step"] / gemm_s, "{:.2f}", lambda v: v <= 0.7),
+        ("training step, 1 process / bare im2col GEMM time", "<= 0.7", r["step"] / gemm_s, "{:.2f}",
+         lambda v: v <= 0.7),
+        (f"training step, {workers_label(w)}, nanoq4/PyTorch per image", "<= 0.5",
+         ratio(per_batch_s, t and t["step"]), "{:.2f}", lambda v: v <= 0.5),
+        (f"training step, {workers_label(w)} / bare GEMM per image", "<= 0.7", ratio(per_batch_s, gemm_s),
+         "{:.2f}", lambda v: v <= 0.7),
         ("eval from .nq4 file, x PyTorch images/s", ">= 2.5", ratio(t and t["eval_s"], r["file_eval_s"]), "{:.2f}",
          lambda v: v >= 2.5),
         ("shared CPU: images/s kept", ">= 45%", shared, "{:.0%}", lambda v: v >= 0.45),
@@ -405,6 +474,15 @@ def main(args):
     print(f"eval, batch 1000, no gradients: {1000 / r['eval_s']:.0f} images/s (training model), "
           f"{1000 / r['file_eval_s']:.0f} images/s (model loaded from the int4 file)")
 
+    w = None
+    if not args.no_workers and args.workers != 1:
+        w = bench_workers(b, args.steps, args.workers, args.sync_bn, not args.default_malloc)
+        if w is None:
+            print(f"\nlocal workers: the trainer runs one process at the global batch {2 * b} on this machine "
+                  f"(--workers N times N)")
+        else:
+            print("\n" + "\n".join(workers_report(w, b, args.steps, r["step"], gemm_s)))
+
     startup = None
     if not args.no_startup:
         startup = bench_startup(b, args.startup_dataset)
@@ -425,12 +503,17 @@ def main(args):
                   f"{b / t['step']:.0f} images/s; eval {1000 / t['eval_s']:.0f} images/s")
             print(f"ratio nanoq4/PyTorch, training step time: {r['step'] / t['step']:.2f} "
                   f"(<= 1.0 means nanoq4 is faster)")
+            if w is not None:
+                print(f"ratio nanoq4 {workers_label(w)}/PyTorch, time per {b} images: "
+                      f"{w['per_batch_s'] / t['step']:.2f} (<= 1.0 means nanoq4 is faster)")
             print(f"ratio nanoq4/PyTorch, eval throughput: {t['eval_s'] / r['eval_s']:.2f} "
                   f"(>= 1.0 means nanoq4 is faster)")
 
-    print(f"\n{'issue #12 target':<42}{'target':>12}{'measured':>12}{'':>6}")
-    for name, target, value, verdict in target_rows(gemm_s, r, t, startup):
-        print(f"{name:<42}{target:>12}{value:>12}  {verdict}")
+    rows = target_rows(gemm_s, r, t, startup, w)
+    width = max(len(row[0]) for row in rows) + 2
+    print(f"\n{'issue #12 target':<{width}}{'target':>12}{'measured':>12}{'':>6}")
+    for name, target, value, verdict in rows:
+        print(f"{name:<{width}}{target:>12}{value:>12}  {verdict}")
     return 0
 
 
@@ -438,15 +521,29 @@ if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=cli.int_at_least(2), default=128, help="images per step, >= 2 (default 128)")
-    p.add_argument("--steps", type=cli.int_at_least(1), default=10, help="timed steps (default 10)")
+    p.add_argument("--steps", type=cli.int_at_least(1), default=10, help="timed steps of each step timing: one process, workers, PyTorch (default 10)")
     p.add_argument("--shared-steps", type=cli.int_at_least(1), default=20,
                    help="timed steps next to a busy process (default 20)")
     p.add_argument("--no-torch", action="store_true", help="no PyTorch comparison")
     p.add_argument("--no-shared-cpu", action="store_true", help="skip the shared-CPU scenario")
     p.add_argument("--no-startup", action="store_true", help="skip the trainer start-up runs")
+    one_or_many = p.add_mutually_exclusive_group()
+    one_or_many.add_argument("--workers", type=cli.int_at_least(1), metavar="N",
+                             help="local worker processes of the workers section, sharing the global batch 2 x "
+                                  "--batch (default: as many as the trainer picks for that batch; 1: skip it)")
+    one_or_many.add_argument("--no-workers", action="store_true", help="skip the local workers section")
+    trainer_statistics = "global" if train_module.TrainConfig().resolved_sync_bn() else "per-worker"
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"workers section: batch-norm statistics of the global batch (--sync-bn) or of each "
+                        f"worker's share (--no-sync-bn); default the trainer's, now {trainer_statistics}")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave malloc's settings alone (the trainer calls nanoq4.memory.keep_freed_memory)")
     p.add_argument("--startup-dataset", default="synthetic", choices=("synthetic", "cifar10"),
                    help="data of the start-up runs (default synthetic; cifar10 reads $NANOQ4_DATA)")
     arguments = p.parse_args()
+    if arguments.workers:
+        try:
+            check_worker_count(arguments.workers, arguments.batch)
+        except NanoQ4Error as e:
+            p.error(str(e))
     sys.exit(cli.run_command(lambda: main(arguments)))
