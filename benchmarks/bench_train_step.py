@@ -504,7 +504,7 @@ def main(args):
             print(f"ratio nanoq4/PyTorch, training step time: {r['step'] / t['step']:.2f} "
                   f"(<= 1.0 means nanoq4 is faster)")
             if w is not None:
-                print(f"ratio nanoq4 {workers_label(w)}/PyTorch, time per {b} images: "
+                print(f"ratio nanoq4 ({workers_label(w)})/PyTorch, time per {b} images: "
                       f"{w['per_batch_s'] / t['step']:.2f} (<= 1.0 means nanoq4 is faster)")
             print(f"ratio nanoq4/PyTorch, eval throughput: {t['eval_s'] / r['eval_s']:.2f} "
                   f"(>= 1.0 means nanoq4 is faster)")

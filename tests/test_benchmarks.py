@@ -76,7 +76,8 @@ def test_the_target_table_reads_the_step_targets_for_the_workers_too(two_workers
     assert "training step, 1 process / bare im2col GEMM time" in rows
 
 
-def test_the_workers_rows_read_n_a_when_the_section_was_skipped():
+def test_the_workers_rows_read_n_a_where_the_trainer_runs_one_process():
+    assert bench_train_step.bench_workers(BATCH, steps=1) is None, "8 images: too few for a second worker"
     rows = bench_train_step.target_rows(1.0, one_process_results(1.0), None, None, None)
     workers_rows = [row for row in rows if "trainer's workers" in row[0]]
     assert [row[2:] for row in workers_rows] == [("n/a", "n/a"), ("n/a", "n/a")]
