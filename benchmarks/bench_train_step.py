@@ -517,9 +517,10 @@ def main(args):
     return 0
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(argv=None):
+    """The command line (default sys.argv[1:]) -> its arguments; a bad flag, or a --workers count that
+    cannot split the global batch, exits with a one-line error and code 2 before any work."""
+    p = cli.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=cli.int_at_least(2), default=128, help="images per step, >= 2 (default 128)")
     p.add_argument("--steps", type=cli.int_at_least(1), default=10, help="timed steps of each step timing: one process, workers, PyTorch (default 10)")
     p.add_argument("--shared-steps", type=cli.int_at_least(1), default=20,
@@ -540,10 +541,16 @@ if __name__ == "__main__":
                    help="leave malloc's settings alone (the trainer calls nanoq4.memory.keep_freed_memory)")
     p.add_argument("--startup-dataset", default="synthetic", choices=("synthetic", "cifar10"),
                    help="data of the start-up runs (default synthetic; cifar10 reads $NANOQ4_DATA)")
-    arguments = p.parse_args()
+    arguments = p.parse_args(argv)
     if arguments.workers:
         try:
             check_worker_count(arguments.workers, arguments.batch)
         except NanoQ4Error as e:
             p.error(str(e))
+    return arguments
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    arguments = parse_arguments()
     sys.exit(cli.run_command(lambda: main(arguments)))

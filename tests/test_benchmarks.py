@@ -2,8 +2,12 @@
 numbers that fit together, and reaches the printed report and the target table. No timing is
 judged: that needs an idle machine and the default sizes.
 
-bench_train_step's workers section runs on 2 workers of 4 images (global batch 8), 1 timed step:
-the trainer's step on each, the gradient sum through shared memory, a barrier before the step."""
+bench_train_step's workers section runs once, on 2 workers of 4 images (global batch 8), 1 timed step:
+the trainer's step on each, the gradient sum through shared memory, a barrier before the step.
+bench_mpi runs once too, on 1 process and on 2 ranks, with the kind of batch norm the workers run
+does not have (they have the trainer's default): between them both kinds run the benchmarks' step
+on 2 processes. The other tests read these runs' numbers or need no process."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +23,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import bench_train_step  # noqa: E402
 
 BATCH = 4  # --batch: the workers share the global batch 2 x 4
+SYNC_BN_BY_DEFAULT = TrainConfig().resolved_sync_bn()
 
 
 def workers_run(**settings):
@@ -45,12 +50,22 @@ def test_the_workers_section_times_the_trainers_step_on_each_workers_share(two_w
     assert w["per_batch_s"] == pytest.approx(w["step_s"] / 2), "time per --batch images: half the global step's"
 
 
-def test_the_workers_batch_norm_is_the_trainers_default_unless_chosen(two_workers):
-    default = TrainConfig().resolved_sync_bn()
+def test_the_workers_batch_norm_is_the_trainers_default_unless_chosen(two_workers, monkeypatch):
+    """What the workers are handed and what the report says; the other kind runs for real on 2 MPI
+    ranks (bench_mpi below), through the same trainer_step code."""
+    default = SYNC_BN_BY_DEFAULT
     assert (two_workers["sync_bn"], two_workers["sync_bn_default"]) == (default, True)
-    other = workers_run(sync_bn=not default)
-    assert (other["sync_bn"], other["sync_bn_default"]) == (not default, False)
-    assert 0 < other["sum_in_step_s"] < other["step_s"]
+    handed = []
+
+    def workers_not_started(count, target, cfg, *args):
+        handed.append(cfg)
+        return dict(step_s=1.0, images_per_s=8.0, sum_in_step_s=0.1, threads=1)
+
+    monkeypatch.setattr(bench_train_step, "run_on_workers", workers_not_started)
+    for choice, chosen in ((None, default), (not default, not default)):
+        w = workers_run(sync_bn=choice)
+        assert handed[-1].resolved_sync_bn() == chosen, "the workers' TrainerStep reads cfg.resolved_sync_bn()"
+        assert (w["sync_bn"], w["sync_bn_default"]) == (chosen, choice is None)
 
 
 def test_the_workers_report_prints_the_measured_numbers(two_workers):
@@ -92,15 +107,33 @@ def test_the_trainers_choice_names_its_count_in_the_tables():
     (["--batch", "4", "--workers", "8"], "--workers 8 does not split the global batch of 8 images"),
     (["--workers", "2", "--no-workers"], "not allowed with argument --workers"),
 ])
-def test_a_bad_workers_flag_is_one_line_before_any_work(flags, fragment):
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train_step.py"), *flags], capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S, env=clean_env())
-    assert done.returncode == 2, report(done)
-    assert done.stdout == "" and len(done.stderr.splitlines()) == 1 and fragment in done.stderr, report(done)
+def test_a_bad_workers_flag_is_one_line_before_any_work(flags, fragment, capsys):
+    """The script's command line, parsed here: its __main__ calls main only with what this returns."""
+    with pytest.raises(SystemExit) as exited:
+        bench_train_step.parse_arguments(flags)
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2, err
+    assert out == "" and len(err.splitlines()) == 1 and fragment in err, err
+
+
+NUMBER = r"(\d+\.\d+|\d+)"
 
 
 def test_bench_mpi_times_the_trainers_step_on_one_process_and_on_2_ranks(mpiexec):  # noqa: F811
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_mpi.py"), "--batch", "4", "--steps", "1"],
+    """Both rows of its table, the ratio and the Allreduce line, measured: global batch 4, 1 timed step."""
+    sync_bn = not SYNC_BN_BY_DEFAULT  # bench_mpi's own default is per-rank statistics, --sync-bn the other
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_mpi.py"), "--batch", "4", "--steps", "1"]
+                          + (["--sync-bn"] if sync_bn else []),
                           capture_output=True, text=True, timeout=3 * RUN_TIMEOUT_S, env=clean_env())
     assert done.returncode == 0, report(done)
-    assert "2 ranks x" in done.stdout and "in-place Allreduce (buffer method)" in done.stdout, report(done)
+    cores = available_cores()
+    one = re.search(rf"^1 process x {cores} threads +{NUMBER} +{NUMBER} +-$", done.stdout, re.M)
+    name = f"2 ranks x {max(1, cores // 2)} thread(s)" + (" sync-BN" if sync_bn else "")
+    ranks = re.search(rf"^{re.escape(name)} +{NUMBER} +{NUMBER} +{NUMBER}$", done.stdout, re.M)
+    assert one and ranks, report(done)
+    step_s, images_per_s, sum_ms = map(float, ranks.groups())
+    assert float(one[1]) > 0 and 0 < sum_ms / 1e3 < step_s, report(done)
+    assert images_per_s == pytest.approx(4 / step_s, rel=0.01, abs=1), "images/s of the global batch"
+    assert re.search(rf"^2 ranks / 1 process: {NUMBER}x the images/s$", done.stdout, re.M), report(done)
+    assert re.search(rf"^gradient buffer {NUMBER} MB: in-place Allreduce \(buffer method\) {NUMBER} ms, "
+                     rf"pickled lowercase allreduce {NUMBER} ms", done.stdout, re.M), report(done)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import nanoq4
 from nanoq4 import data, distributed, export, kernels, nn
 from nanoq4.data import CIFAR_MEAN, CIFAR_STD, BatchLoader
 from nanoq4.errors import NanoQ4Error
@@ -23,6 +24,7 @@ from nanoq4.tensor import Tensor
 from nanoq4.train import TrainConfig, train
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
+PACKAGE_ROOT = str(Path(nanoq4.__file__).resolve().parents[1])  # the folder that holds the nanoq4 under test
 RUN_TIMEOUT_S = 300  # a run takes seconds; the limit only turns a hang into a failure
 # 2 epochs of 2 steps of 32 images (16 per rank): a mid-epoch stop, an epoch boundary, few seconds.
 BASE = dict(dataset="synthetic", model="simpleresnet4bit", epochs=2, max_steps_per_epoch=2, batch_size=32, seed=5,
@@ -45,8 +47,12 @@ def files_in(folder):
 
 
 def clean_env(**extra):
-    """This environment without an MPI launcher's variables (as if started from a shell)."""
+    """This environment without an MPI launcher's variables (as if started from a shell), with the
+    nanoq4 under test first on PYTHONPATH: a process started in another folder or by mpiexec runs this
+    code, not an installed copy (CI's `pip install .`, an editable install of another checkout), and
+    loads the kernels this session compiled from the same Numba cache instead of compiling them again."""
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     env.update(extra)
     return env
 
@@ -305,7 +311,9 @@ def fake_missing_mpi4py(tmp_path):
     shim = tmp_path / "shim" / "mpi4py"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'mpi4py'\", name='mpi4py')\n")
-    return clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path / "shim"), os.environ.get("PYTHONPATH", "")]))
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "shim"), env["PYTHONPATH"]])
+    return env
 
 
 def test_missing_mpi4py_under_mpiexec_is_one_line_naming_the_extra(mpiexec, tmp_path):
